@@ -1,0 +1,34 @@
+//! Shared fixtures for integration tests (`mod support;` in a test file).
+//!
+//! Layout:
+//! - `containerd`: a private, real containerd with real pod sandboxes, for forwarding through
+//!   containerd's CRI stream server; plus `listen_in_netns` to put a target server in a pod.
+//!
+//! Each test binary uses a different subset, hence the `dead_code` allowance.
+#![allow(dead_code, unused_imports)]
+
+pub mod containerd;
+
+use std::io::Write;
+
+pub use containerd::{Containerd, Sandbox, in_netns, listen_in_netns};
+
+/// Starts a private containerd, or explains loudly why this test cannot run here.
+///
+/// `None` means "skip": a `SKIPPED: <test>: <reason>` line has been printed to stderr. When the
+/// `CI` environment variable is set, a missing containerd is a failure instead (CI installs it),
+/// so this panics.
+pub fn containerd_or_skip(test: &str) -> Option<Containerd> {
+    match Containerd::start() {
+        Ok(c) => Some(c),
+        Err(reason) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("{test}: containerd fixture unavailable in CI: {reason}");
+            }
+            // Straight to fd 2: libtest captures `eprintln!` and drops it for passing tests,
+            // which would make the skip silent.
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
+            None
+        }
+    }
+}
