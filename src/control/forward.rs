@@ -1,0 +1,273 @@
+//! The forwarder: local listeners, and which upstream session each new connection rides on.
+//!
+//! SPDY multiplexes every connection onto one session; a session that died (or was retired
+//! because a failure on it may have wedged a kubelet-style server) is replaced on the next
+//! connection, with a fresh single-use URL from the runtime. WebSocket v4 fixes the ports at
+//! upgrade, so every connection gets its own session. A connection that fails is reset and
+//! logged; the forward itself keeps running.
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+use super::ControlError;
+use super::cri::CriClient;
+use super::upgrade::{Protocol, upgrade};
+use crate::proto::PortForwardProtocol;
+use crate::proto::portforward::SpdyPortForward;
+use crate::proto::ws::WsPortForward;
+use crate::relay::{ConnOutcome, Session, SessionOptions, relay_client_conn};
+
+/// Where sessions come from.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    /// Ask a CRI runtime for a fresh streaming URL per session.
+    Cri { endpoint: String, sandbox: String },
+    /// A fixed stream-server URL (`ringfwd serve`, or a URL a runtime already handed out).
+    Url(String),
+}
+
+/// `[LOCAL:]REMOTE`, as kubectl: `8080`, `8080:80`, `:80` (any free local port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortSpec {
+    pub local: u16,
+    pub remote: u16,
+}
+
+impl FromStr for PortSpec {
+    type Err = ControlError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| ControlError::BadPortSpec {
+            spec: s.to_string(),
+            reason: reason.into(),
+        };
+        let port = |p: &str, what: &str| -> Result<u16, ControlError> {
+            match p.parse::<u16>() {
+                Ok(0) => Err(bad(&format!("{what} port must be between 1 and 65535"))),
+                Ok(n) => Ok(n),
+                Err(_) => Err(bad(&format!(
+                    "{what} port {p:?} is not a number between 1 and 65535"
+                ))),
+            }
+        };
+        match s.split_once(':') {
+            None => {
+                let p = port(s, "remote")?;
+                Ok(PortSpec {
+                    local: p,
+                    remote: p,
+                })
+            }
+            Some(("", r)) => Ok(PortSpec {
+                local: 0,
+                remote: port(r, "remote")?,
+            }),
+            Some((l, r)) => Ok(PortSpec {
+                local: port(l, "local")?,
+                remote: port(r, "remote")?,
+            }),
+        }
+    }
+}
+
+/// Everything a forward needs.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub upstream: Upstream,
+    pub protocol: Protocol,
+    pub addresses: Vec<IpAddr>,
+    pub session: SessionOptions,
+}
+
+/// A bound local port and where it forwards to.
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub local: SocketAddr,
+    pub remote: u16,
+}
+
+pub struct Forwarder {
+    cfg: ForwardConfig,
+    cri: Option<Mutex<CriClient>>,
+    remote_ports: Vec<u16>,
+    current: Mutex<Option<Session>>,
+    sessions_started: AtomicU64,
+    sessions_retired: AtomicU64,
+}
+
+impl Forwarder {
+    /// Connect to the runtime and prove the target works by setting up a first session, so a
+    /// wrong sandbox or an unreachable endpoint fails here, with one line, not on first use.
+    pub async fn new(cfg: ForwardConfig, specs: &[PortSpec]) -> Result<Arc<Self>, ControlError> {
+        let cri = match &cfg.upstream {
+            Upstream::Cri { endpoint, .. } => Some(Mutex::new(CriClient::connect(endpoint).await?)),
+            Upstream::Url(_) => None,
+        };
+        let mut remote_ports: Vec<u16> = specs.iter().map(|s| s.remote).collect();
+        remote_ports.dedup();
+        let fwd = Arc::new(Forwarder {
+            cfg,
+            cri,
+            remote_ports,
+            current: Mutex::new(None),
+            sessions_started: AtomicU64::new(0),
+            sessions_retired: AtomicU64::new(0),
+        });
+        match fwd.cfg.protocol {
+            Protocol::Spdy => {
+                fwd.session_for(fwd.remote_ports[0]).await?;
+            }
+            // Each WebSocket connection gets its own session; just check the runtime answers.
+            Protocol::Websocket => {
+                fwd.url(&fwd.remote_ports).await?;
+            }
+        }
+        Ok(fwd)
+    }
+
+    async fn url(&self, ports: &[u16]) -> Result<String, ControlError> {
+        match &self.cfg.upstream {
+            Upstream::Url(u) => Ok(u.clone()),
+            Upstream::Cri { sandbox, .. } => {
+                let cri = self.cri.as_ref().expect("CRI upstream has a client");
+                Ok(cri.lock().await.port_forward(sandbox, ports).await?)
+            }
+        }
+    }
+
+    async fn new_session(&self, ports: &[u16]) -> Result<Session, ControlError> {
+        let url = self.url(ports).await?;
+        let up = upgrade(&url, self.cfg.protocol, ports).await?;
+        let proto: Box<dyn PortForwardProtocol> = match self.cfg.protocol {
+            Protocol::Spdy => Box::new(SpdyPortForward::client()),
+            Protocol::Websocket => {
+                let mut seed = [0u8; 8];
+                getrandom::fill(&mut seed).expect("OS randomness");
+                Box::new(WsPortForward::client(ports, u64::from_le_bytes(seed)))
+            }
+        };
+        let mut opts = self.cfg.session.clone();
+        opts.forward_half_close = up.half_close;
+        let (session, _incoming) = Session::start(up.io, up.prefix, proto, opts);
+        self.sessions_started.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("new {:?} session to {url}", self.cfg.protocol);
+        Ok(session)
+    }
+
+    /// Upstream sessions this forwarder has opened so far.
+    pub fn sessions_started(&self) -> u64 {
+        self.sessions_started.load(Ordering::Relaxed)
+    }
+
+    /// Sessions retired after a connection failure that could wedge a kubelet-style server.
+    pub fn sessions_retired(&self) -> u64 {
+        self.sessions_retired.load(Ordering::Relaxed)
+    }
+
+    /// The session a new connection to `port` should use.
+    pub async fn session_for(&self, port: u16) -> Result<Session, ControlError> {
+        if self.cfg.protocol == Protocol::Websocket {
+            return self.new_session(&[port]).await;
+        }
+        let mut cur = self.current.lock().await;
+        if let Some(s) = cur.as_ref().filter(|s| s.is_usable()) {
+            return Ok(s.clone());
+        }
+        if let Some(old) = cur.take() {
+            if let Some(why) = old.dead_reason() {
+                tracing::warn!("upstream session lost ({why}); opening a new one");
+            }
+        }
+        let s = self.new_session(&self.remote_ports).await?;
+        *cur = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Bind every `spec` on every configured address. `:REMOTE` picks one free port and uses it
+    /// on all addresses.
+    pub async fn bind(&self, specs: &[PortSpec]) -> Result<Vec<Listener>, ControlError> {
+        let mut out = Vec::new();
+        for spec in specs {
+            let mut local = spec.local;
+            for ip in &self.cfg.addresses {
+                let addr = SocketAddr::new(*ip, local);
+                let tcp = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ControlError::Listen {
+                        addr: addr.to_string(),
+                        source,
+                    })?;
+                let bound = tcp.local_addr().map_err(|source| ControlError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+                local = bound.port();
+                out.push(Listener {
+                    tcp,
+                    local: bound,
+                    remote: spec.remote,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Accept on `l` forever, relaying each connection on its own task.
+    pub async fn serve_listener(self: Arc<Self>, l: Listener) {
+        loop {
+            match l.tcp.accept().await {
+                Ok((tcp, peer)) => {
+                    let fwd = self.clone();
+                    tokio::spawn(async move { fwd.handle(tcp, peer, l.remote).await });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: transient, keep the forward up.
+                    tracing::warn!("accept on {}: {e}", l.local);
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+
+    /// Relay one accepted connection; returns how it ended.
+    pub async fn handle(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) -> ConnOutcome {
+        tracing::debug!("handling connection from {peer} for port {remote}");
+        let session = match self.session_for(remote).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(
+                    "connection from {peer} to port {remote}: cannot open upstream session: {e}"
+                );
+                let _ = tcp.set_zero_linger();
+                return ConnOutcome::SessionLost(e.to_string());
+            }
+        };
+        let outcome = relay_client_conn(&session, tcp, remote).await;
+        match &outcome {
+            ConnOutcome::Clean { .. } => {
+                tracing::debug!("connection from {peer} to port {remote}: {outcome}")
+            }
+            ConnOutcome::RemoteError { sent, .. } => {
+                tracing::warn!(
+                    "connection from {peer} to port {remote} failed, reset it: {outcome}"
+                );
+                // Data we sent for a connection the server has given up on can wedge one of
+                // containerd's frame workers, and then the whole session (fixed in containerd
+                // 1.6.22/1.7.3): send new connections to a fresh session, let this one drain.
+                if *sent > 0 && !session.forward_half_close() {
+                    session.retire();
+                    self.sessions_retired.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ => tracing::warn!("connection from {peer} to port {remote} reset: {outcome}"),
+        }
+        if self.cfg.protocol == Protocol::Websocket {
+            session.close();
+        }
+        outcome
+    }
+}

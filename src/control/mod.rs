@@ -1,0 +1,48 @@
+//! Control plane: everything that happens before bytes flow and when a session must be replaced.
+//!
+//! Owns the CRI client ([`cri`]), the HTTP upgrade to SPDY/3.1 or WebSocket ([`upgrade`]) and
+//! the forwarder ([`forward`]): local listeners, which session a new connection goes to, and
+//! when to ask for a new one. It never copies payload bytes: that is [`crate::relay`].
+
+pub mod cri;
+pub mod forward;
+pub mod upgrade;
+
+/// Response header by which `ringfwd serve` says it passes a half-close on to the target
+/// (kubelet and containerd do not, see [`crate::relay::SessionOptions::forward_half_close`]).
+pub const HALF_CLOSE_HEADER: &str = "x-ringfwd-half-close";
+
+/// Errors of the control plane: each is one line a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Cri(#[from] cri::CriError),
+    #[error("invalid URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot connect to stream server {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP error talking to stream server {url}: {source}")]
+    Http { url: String, source: hyper::Error },
+    #[error("stream server refused the upgrade to {protocol}: HTTP {status}: {body}")]
+    Rejected {
+        protocol: &'static str,
+        status: u16,
+        body: String,
+    },
+    #[error("stream server answered the upgrade without {what}")]
+    BadUpgrade { what: String },
+    #[error("invalid port spec {spec:?}: {reason}")]
+    BadPortSpec { spec: String, reason: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Relay(#[from] crate::relay::RelayError),
+    #[error("{0}")]
+    Proto(#[from] crate::proto::ProtoError),
+}

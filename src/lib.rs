@@ -1,0 +1,44 @@
+//! ringfwd: fast, observable, hard-to-kill port forwarding into Kubernetes pods.
+//!
+//! Layout (one line per module, from the wire up):
+//! - [`proto`]: sans-IO SPDY/3.1, port-forward stream pairing, WebSocket and the v4 channel
+//!   protocol. Bytes in, events out; no sockets, no clocks.
+//! - [`relay`]: the data plane. Drives a protocol session over a socket and relays each local
+//!   connection with half-close, reset and keepalive semantics.
+//! - [`control`]: the control plane. CRI client, HTTP upgrade, the forwarder that decides which
+//!   session a connection rides on and replaces dead ones.
+//! - [`serve`]: the stream-server side (`ringfwd serve`), dialling targets on localhost or in a
+//!   network namespace.
+//! - [`bench`]: `ringfwd bench`, the built-in load generator and its embedded targets.
+//! - [`metrics`]: counters the data plane bumps.
+
+pub mod bench;
+pub mod control;
+pub mod metrics;
+pub mod proto;
+pub mod relay;
+pub mod serve;
+
+use std::time::Duration;
+
+/// Parse `10s`, `500ms`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (try 10s or 500ms)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("duration {s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

@@ -1,0 +1,225 @@
+//! One forwarded connection: a local TCP socket relayed to a connection of a [`Session`].
+//!
+//! Two halves run at once, as in linkerd's duplex: **up** (socket → session) and **down**
+//! (session → socket). End of file on one side becomes a half-close on the other, never a
+//! teardown of both: a client that shuts its write side still receives the whole reply.
+//! Anything that breaks the transfer (an error from the server, a reset, a dead session, a
+//! socket error) ends the local socket with a TCP reset, so a cut-short transfer can never look
+//! like a clean end of file.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc};
+
+use super::session::{Inbound, Session};
+use super::{READ_BUF, RelayError};
+use crate::metrics::COUNTERS;
+use crate::proto::{ConnId, HEADROOM};
+
+/// How a forwarded connection ended.
+#[derive(Debug)]
+pub enum ConnOutcome {
+    /// Both directions finished with end of file.
+    Clean { up: u64, down: u64 },
+    /// The server reported an error for this connection (its error stream text); `sent` is
+    /// how many bytes the local client had sent upstream by then.
+    RemoteError { message: String, sent: u64 },
+    /// The peer reset the connection.
+    PeerReset,
+    /// The session died under the connection.
+    SessionLost(String),
+    /// The local socket failed (the local client reset, or stopped existing).
+    Local(io::Error),
+    /// Writing upstream failed.
+    Upstream(RelayError),
+}
+
+impl ConnOutcome {
+    pub fn is_clean(&self) -> bool {
+        matches!(self, ConnOutcome::Clean { .. })
+    }
+}
+
+impl std::fmt::Display for ConnOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnOutcome::Clean { up, down } => {
+                write!(f, "closed ({up} bytes up, {down} bytes down)")
+            }
+            ConnOutcome::RemoteError { message, .. } => write!(f, "server error: {message}"),
+            ConnOutcome::PeerReset => write!(f, "reset by server"),
+            ConnOutcome::SessionLost(m) => write!(f, "session lost: {m}"),
+            ConnOutcome::Local(e) => write!(f, "local socket: {e}"),
+            ConnOutcome::Upstream(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    /// We accepted `tcp` locally and opened the connection upstream.
+    Client,
+    /// The connection came from upstream and we dialled `tcp` to the target.
+    Server,
+}
+
+/// Client role: relay an accepted local connection to `port` through `session`.
+pub async fn relay_client_conn(session: &Session, tcp: TcpStream, port: u16) -> ConnOutcome {
+    let (conn, inbound) = match session.open(port) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = tcp.set_zero_linger();
+            return ConnOutcome::SessionLost(e.to_string());
+        }
+    };
+    COUNTERS.conns_opened.fetch_add(1, Relaxed);
+    relay(session, tcp, conn, inbound, Side::Client).await
+}
+
+/// Server role: relay upstream connection `conn` to the dialled target `tcp`.
+pub async fn relay_server_conn(
+    session: &Session,
+    tcp: TcpStream,
+    conn: ConnId,
+    inbound: mpsc::Receiver<Inbound>,
+) -> ConnOutcome {
+    relay(session, tcp, conn, inbound, Side::Server).await
+}
+
+async fn relay(
+    session: &Session,
+    mut tcp: TcpStream,
+    conn: ConnId,
+    mut inbound: mpsc::Receiver<Inbound>,
+    side: Side,
+) -> ConnOutcome {
+    let _ = tcp.set_nodelay(true);
+    // A client-side FIN is held back from servers that would turn it into a 1 s kill timer
+    // (see SessionOptions::forward_half_close).
+    let hold_fin = side == Side::Client && !session.forward_half_close();
+    let up_done = AtomicBool::new(false);
+    let eof_seen = AtomicBool::new(false);
+    let up_bytes = AtomicU64::new(0);
+    let down_bytes = AtomicU64::new(0);
+    let eof_notify = Notify::new();
+    let mut dead = session.watch_dead();
+
+    let outcome = {
+        let (mut rd, mut wr) = tcp.split();
+        let up = async {
+            let max = session.max_payload();
+            let mut buf = BytesMut::with_capacity(HEADROOM + READ_BUF);
+            loop {
+                buf.clear();
+                buf.reserve(HEADROOM + max);
+                buf.put_bytes(0, HEADROOM);
+                let n = rd
+                    .read_buf(&mut (&mut buf).limit(max))
+                    .await
+                    .map_err(ConnOutcome::Local)?;
+                if n == 0 {
+                    if hold_fin && !eof_seen.load(Relaxed) {
+                        // Hold the FIN until the server has finished its direction, but not
+                        // forever: a client that closed completely looks the same as one that
+                        // half-closed, and its stream must not linger.
+                        tokio::select! {
+                            _ = eof_notify.notified() => {}
+                            _ = tokio::time::sleep(session.half_close_hold()) => {}
+                        }
+                    }
+                    session.close_write(conn).map_err(ConnOutcome::Upstream)?;
+                    return Ok::<(), ConnOutcome>(());
+                }
+                up_bytes.fetch_add(n as u64, Relaxed);
+                session
+                    .send_data(conn, &mut buf)
+                    .await
+                    .map_err(ConnOutcome::Upstream)?;
+            }
+        };
+        let down = async {
+            while let Some(msg) = inbound.recv().await {
+                match msg {
+                    Inbound::Data(b) => {
+                        wr.write_all(&b).await.map_err(ConnOutcome::Local)?;
+                        down_bytes.fetch_add(b.len() as u64, Relaxed);
+                    }
+                    Inbound::Eof => {
+                        eof_seen.store(true, Relaxed);
+                        eof_notify.notify_one();
+                        // The peer may already have gone entirely; a failed shutdown changes
+                        // nothing about what was delivered.
+                        let _ = wr.shutdown().await;
+                        if up_done.load(Relaxed) {
+                            return Ok(());
+                        }
+                    }
+                    Inbound::Error(message) => {
+                        return Err(ConnOutcome::RemoteError {
+                            message,
+                            sent: up_bytes.load(Relaxed),
+                        });
+                    }
+                    Inbound::Reset => return Err(ConnOutcome::PeerReset),
+                }
+            }
+            Err(ConnOutcome::SessionLost(
+                session
+                    .dead_reason()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "closed".into()),
+            ))
+        };
+        tokio::pin!(up, down);
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done.load(Relaxed) => match r {
+                    Ok(()) => {
+                        up_done.store(true, Relaxed);
+                        if eof_seen.load(Relaxed) {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) => break Err(e),
+                },
+                r = &mut down => break r,
+                _ = dead.changed() => {
+                    let why = session.dead_reason().map(|r| r.to_string()).unwrap_or_default();
+                    break Err(ConnOutcome::SessionLost(why));
+                }
+            }
+        }
+    };
+
+    match outcome {
+        Ok(()) => {
+            match side {
+                Side::Client => session.release(conn),
+                Side::Server => session.finish(conn),
+            }
+            ConnOutcome::Clean {
+                up: up_bytes.load(Relaxed),
+                down: down_bytes.load(Relaxed),
+            }
+        }
+        Err(e) => {
+            match (&e, side) {
+                (ConnOutcome::Local(err), Side::Server) => {
+                    session.fail(conn, &format!("error forwarding to target: {err}"))
+                }
+                _ => session.reset(conn),
+            }
+            match &e {
+                ConnOutcome::RemoteError { .. } => COUNTERS.conns_failed.fetch_add(1, Relaxed),
+                _ => COUNTERS.conns_reset.fetch_add(1, Relaxed),
+            };
+            // Never a clean FIN for a broken transfer: SO_LINGER 0 makes close send RST.
+            let _ = tcp.set_zero_linger();
+            e
+        }
+    }
+}

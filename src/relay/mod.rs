@@ -1,0 +1,59 @@
+//! Data plane: moves bytes between local TCP connections and one multiplexed upstream session.
+//!
+//! This module owns the sockets and the tasks that drive a sans-IO [`PortForwardProtocol`]
+//! (from [`crate::proto`]): [`session`] runs the upstream connection (one reader, one writer,
+//! one keepalive timer) and [`conn`] relays one forwarded connection in both directions with
+//! half-close, reset and error semantics. It does not know how a session was set up (that is
+//! [`crate::control`]) nor what is exported as metrics (it bumps plain counters in
+//! [`crate::metrics`]).
+//!
+//! Backend: this is the epoll backend (tokio). Everything that touches a socket is here, so an
+//! io_uring backend can replace these files without touching protocol or control code.
+//!
+//! [`PortForwardProtocol`]: crate::proto::PortForwardProtocol
+
+pub mod conn;
+pub mod session;
+
+use std::time::Duration;
+
+pub use conn::{ConnOutcome, relay_client_conn, relay_server_conn};
+pub use session::{Incoming, Session, SessionOptions};
+
+/// Size of the buffer one local connection reads into. Large, because bulk transfers (dumps)
+/// are what users push through a forward, and each read becomes one upstream frame.
+pub const READ_BUF: usize = 256 * 1024;
+
+/// Upstream bytes buffered for one local connection before the session reader waits for that
+/// connection's client to catch up. The peer does no flow control (moby/spdystream never sends
+/// WINDOW_UPDATE), so a slow client can only be throttled by no longer reading the session.
+pub const CONN_QUEUE_FRAMES: usize = 64;
+
+/// Bytes of local data one session lets sit in its write queue before readers wait.
+pub const SESSION_WRITE_BUDGET: usize = 8 * 1024 * 1024;
+
+/// Default interval between keepalive PINGs on an idle session.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// Default time without any byte from upstream after which a session is declared dead.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default for [`SessionOptions::half_close_hold`]: replies that take up to this long after a
+/// client's half-close still arrive whole through kubelet/containerd (which allow one second).
+pub const DEFAULT_HALF_CLOSE_HOLD: Duration = Duration::from_secs(30);
+
+/// Errors of the data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("upstream protocol error: {0}")]
+    Proto(#[from] crate::proto::ProtoError),
+    #[error("upstream i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("upstream closed the session")]
+    UpstreamClosed,
+    #[error("upstream stopped answering (no data or PING reply for {0:?})")]
+    Unresponsive(Duration),
+    #[error("upstream ended the session: {0}")]
+    GoAway(String),
+    #[error("session is closed")]
+    SessionClosed,
+}

@@ -1,0 +1,546 @@
+//! One upstream session: the socket, the protocol state, and the three tasks around them.
+//!
+//! - the **reader** owns the read half: it reads into one large buffer, lets the protocol cut
+//!   events out of it (payload arrives as zero-copy slices of that buffer) and hands them to the
+//!   connection they belong to;
+//! - the **writer** owns the write half: it drains one queue of ready frames with vectored
+//!   writes, so a frame header and its payload leave in one syscall with other frames;
+//! - the **keepalive** PINGs an idle session and declares it dead when nothing at all has come
+//!   back for `ping_timeout` (containerd's stream server can stop reading a session, see
+//!   `shared/cri-notes.md`; a dead session must reset its connections, never leave them hanging).
+//!
+//! Ordering rule: every frame is produced and queued while holding the protocol lock, so frames
+//! leave in the order the protocol produced them (SPDY header compression depends on it).
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+use super::{CONN_QUEUE_FRAMES, READ_BUF, RelayError, SESSION_WRITE_BUDGET};
+use crate::metrics::COUNTERS;
+use crate::proto::{ConnId, Event, HEADROOM, PortForwardProtocol};
+
+/// How a session behaves; the defaults suit a forward to a cluster.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// PING after this long without receiving anything.
+    pub ping_interval: Duration,
+    /// Declare the session dead after this long without receiving anything.
+    pub ping_timeout: Duration,
+    /// Forward a local half-close upstream at once. Off for kubelet/containerd-style servers:
+    /// they never pass a half-close on to the pod, and once one direction ends they close the
+    /// whole connection after one second, truncating a slower reply. With this off the FIN is
+    /// held until the server has finished its direction.
+    pub forward_half_close: bool,
+    /// With `forward_half_close` off, the longest a local half-close is held back.
+    pub half_close_hold: Duration,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            ping_interval: super::DEFAULT_PING_INTERVAL,
+            ping_timeout: super::DEFAULT_PING_TIMEOUT,
+            forward_half_close: false,
+            half_close_hold: super::DEFAULT_HALF_CLOSE_HOLD,
+        }
+    }
+}
+
+/// What the session tells one connection.
+#[derive(Debug)]
+pub enum Inbound {
+    Data(Bytes),
+    Eof,
+    Error(String),
+    Reset,
+}
+
+/// Server role: a client asked for a connection to `port`.
+pub struct Incoming {
+    pub conn: ConnId,
+    pub port: u16,
+    pub inbound: mpsc::Receiver<Inbound>,
+}
+
+struct Frame {
+    bytes: Bytes,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+struct Shared {
+    proto: Mutex<Box<dyn PortForwardProtocol>>,
+    out: mpsc::UnboundedSender<Frame>,
+    conns: Mutex<HashMap<ConnId, mpsc::Sender<Inbound>>>,
+    budget: Arc<Semaphore>,
+    dead: watch::Sender<Option<Arc<str>>>,
+    retiring: AtomicBool,
+    /// Reader is waiting for a slow local client: silence upstream is then our doing.
+    reader_blocked: AtomicBool,
+    last_rx_ms: AtomicU64,
+    started: Instant,
+    max_payload: usize,
+    opts: SessionOptions,
+}
+
+/// A running upstream session. Cheap to clone; the tasks stop when it dies.
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+impl Session {
+    /// Start driving `io` with `proto`. `prefix` is input already read from `io` (bytes that
+    /// arrived with the HTTP upgrade response). Returns the session and, for a server-role
+    /// protocol, the stream of incoming connection requests.
+    pub fn start<IO>(
+        io: IO,
+        prefix: Bytes,
+        proto: Box<dyn PortForwardProtocol>,
+        opts: SessionOptions,
+    ) -> (Session, mpsc::Receiver<Incoming>)
+    where
+        IO: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (incoming_tx, incoming_rx) = mpsc::channel(64);
+        let max_payload = proto.max_payload().min(super::READ_BUF);
+        let shared = Arc::new(Shared {
+            proto: Mutex::new(proto),
+            out: out_tx,
+            conns: Mutex::new(HashMap::new()),
+            budget: Arc::new(Semaphore::new(SESSION_WRITE_BUDGET)),
+            dead: watch::channel(None).0,
+            retiring: AtomicBool::new(false),
+            reader_blocked: AtomicBool::new(false),
+            last_rx_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            max_payload,
+            opts,
+        });
+        COUNTERS.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        let (rd, wr) = tokio::io::split(io);
+        let session = Session { shared };
+        let s = session.clone();
+        tokio::spawn(async move {
+            let res = s.read_loop(rd, prefix, incoming_tx).await;
+            s.die(res.err().unwrap_or(RelayError::UpstreamClosed));
+        });
+        let s = session.clone();
+        tokio::spawn(async move {
+            if let Err(e) = s.write_loop(wr, out_rx).await {
+                s.die(e);
+            }
+        });
+        let s = session.clone();
+        tokio::spawn(async move { s.keepalive().await });
+        (session, incoming_rx)
+    }
+
+    fn proto(&self) -> MutexGuard<'_, Box<dyn PortForwardProtocol>> {
+        self.shared.proto.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue what the protocol wants sent. Called with the protocol lock held.
+    fn flush(&self, p: &mut Box<dyn PortForwardProtocol>) {
+        while let Some(bytes) = p.poll_transmit() {
+            let _ = self.shared.out.send(Frame {
+                bytes,
+                _permit: None,
+            });
+        }
+    }
+
+    fn register(&self, conn: ConnId) -> mpsc::Receiver<Inbound> {
+        let (tx, rx) = mpsc::channel(CONN_QUEUE_FRAMES);
+        self.shared
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn, tx);
+        rx
+    }
+
+    /// Forget a connection's inbound queue (the connection task is done with it). A retired
+    /// session ends once its last connection is released.
+    pub fn release(&self, conn: ConnId) {
+        let idle = {
+            let mut conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+            conns.remove(&conn);
+            conns.is_empty()
+        };
+        if idle && self.shared.retiring.load(Ordering::Acquire) {
+            self.shutdown();
+        }
+    }
+
+    /// Why the session died, once it has.
+    pub fn dead_reason(&self) -> Option<Arc<str>> {
+        self.shared.dead.borrow().clone()
+    }
+
+    /// Resolves when the session dies.
+    pub fn watch_dead(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.shared.dead.subscribe()
+    }
+
+    /// Usable for new connections: alive and not retired.
+    pub fn is_usable(&self) -> bool {
+        self.dead_reason().is_none() && !self.shared.retiring.load(Ordering::Acquire)
+    }
+
+    /// Take no new connections on this session; it ends when the last one is released.
+    pub fn retire(&self) {
+        self.shared.retiring.store(true, Ordering::Release);
+        if self.active_conns() == 0 {
+            self.shutdown();
+        }
+    }
+
+    pub fn forward_half_close(&self) -> bool {
+        self.shared.opts.forward_half_close
+    }
+
+    pub fn half_close_hold(&self) -> Duration {
+        self.shared.opts.half_close_hold
+    }
+
+    /// Largest payload per frame for this session.
+    pub fn max_payload(&self) -> usize {
+        self.shared.max_payload
+    }
+
+    /// Connections with a registered inbound queue.
+    pub fn active_conns(&self) -> usize {
+        self.shared
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Client role: open a connection to `port`.
+    pub fn open(&self, port: u16) -> Result<(ConnId, mpsc::Receiver<Inbound>), RelayError> {
+        if let Some(reason) = self.dead_reason() {
+            return Err(RelayError::GoAway(reason.to_string()));
+        }
+        let mut p = self.proto();
+        let conn = p.open(port)?;
+        let rx = self.register(conn);
+        self.flush(&mut p);
+        Ok((conn, rx))
+    }
+
+    /// Send the payload in `buf[HEADROOM..]` on `conn`. `buf` is emptied (its remaining
+    /// capacity stays with the caller for the next read).
+    pub async fn send_data(&self, conn: ConnId, buf: &mut BytesMut) -> Result<(), RelayError> {
+        let len = buf.len() - HEADROOM;
+        let permit = self
+            .shared
+            .budget
+            .clone()
+            .acquire_many_owned(len as u32)
+            .await
+            .map_err(|_| RelayError::SessionClosed)?;
+        let mut p = self.proto();
+        if self.dead_reason().is_some() {
+            return Err(RelayError::SessionClosed);
+        }
+        let off = p.frame_data(conn, &mut buf[..], len)?;
+        let bytes = buf.split().freeze().slice(off..);
+        self.shared
+            .out
+            .send(Frame {
+                bytes,
+                _permit: Some(permit),
+            })
+            .map_err(|_| RelayError::SessionClosed)?;
+        COUNTERS.bytes_up.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn close_write(&self, conn: ConnId) -> Result<(), RelayError> {
+        let mut p = self.proto();
+        p.close_write(conn)?;
+        self.flush(&mut p);
+        Ok(())
+    }
+
+    pub fn reset(&self, conn: ConnId) {
+        {
+            let mut p = self.proto();
+            p.reset(conn);
+            self.flush(&mut p);
+        }
+        self.release(conn);
+    }
+
+    pub fn fail(&self, conn: ConnId, message: &str) {
+        {
+            let mut p = self.proto();
+            p.fail(conn, message);
+            self.flush(&mut p);
+        }
+        self.release(conn);
+    }
+
+    pub fn finish(&self, conn: ConnId) {
+        {
+            let mut p = self.proto();
+            p.finish(conn);
+            self.flush(&mut p);
+        }
+        self.release(conn);
+    }
+
+    /// End the session once its connections are done (at once if it has none).
+    pub fn close(&self) {
+        self.retire();
+    }
+
+    /// Say goodbye (GOAWAY / WebSocket close) and stop the session's tasks.
+    fn shutdown(&self) {
+        if self.dead_reason().is_some() {
+            return;
+        }
+        {
+            let mut p = self.proto();
+            p.goaway();
+            self.flush(&mut p);
+        }
+        self.die(RelayError::SessionClosed);
+    }
+
+    fn die(&self, err: RelayError) {
+        let reason: Arc<str> = err.to_string().into();
+        let first = self.shared.dead.send_if_modified(|d| {
+            if d.is_none() {
+                *d = Some(reason.clone());
+                true
+            } else {
+                false
+            }
+        });
+        if first {
+            if !matches!(err, RelayError::UpstreamClosed | RelayError::SessionClosed) {
+                COUNTERS.sessions_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::debug!("session ended: {reason}");
+            self.shared.budget.close();
+            // Dropping the senders ends every connection's inbound queue: they reset.
+            self.shared
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.shared.started.elapsed().as_millis() as u64
+    }
+
+    async fn read_loop<R: AsyncRead>(
+        &self,
+        rd: tokio::io::ReadHalf<R>,
+        prefix: Bytes,
+        incoming: mpsc::Sender<Incoming>,
+    ) -> Result<(), RelayError> {
+        let mut rd = rd;
+        let mut dead = self.watch_dead();
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        buf.extend_from_slice(&prefix);
+        loop {
+            loop {
+                let ev = {
+                    let mut p = self.proto();
+                    let ev = p.handle_input(&mut buf)?;
+                    self.flush(&mut p);
+                    ev
+                };
+                match ev {
+                    Some(ev) => self.dispatch(ev, &incoming).await,
+                    None => break,
+                }
+            }
+            if buf.capacity() - buf.len() < READ_BUF / 4 {
+                buf.reserve(READ_BUF);
+            }
+            let n = tokio::select! {
+                n = rd.read_buf(&mut buf) => n?,
+                _ = dead.changed() => return Ok(()),
+            };
+            if n == 0 {
+                return Err(RelayError::UpstreamClosed);
+            }
+            self.shared
+                .last_rx_ms
+                .store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    async fn deliver(&self, conn: ConnId, msg: Inbound) {
+        let tx = self
+            .shared
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&conn)
+            .cloned();
+        let Some(tx) = tx else { return };
+        let msg = match tx.try_send(msg) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.reset(conn);
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+        };
+        // The local client is slower than upstream; the peer does no flow control, so the only
+        // brake is to stop reading the session until this connection catches up.
+        self.shared.reader_blocked.store(true, Ordering::Relaxed);
+        let res = tx.send(msg).await;
+        self.shared.reader_blocked.store(false, Ordering::Relaxed);
+        self.shared
+            .last_rx_ms
+            .store(self.now_ms(), Ordering::Relaxed);
+        if res.is_err() {
+            self.reset(conn);
+        }
+    }
+
+    async fn dispatch(&self, ev: Event, incoming: &mpsc::Sender<Incoming>) {
+        match ev {
+            Event::Data { conn, data } => {
+                COUNTERS
+                    .bytes_down
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.deliver(conn, Inbound::Data(data)).await
+            }
+            Event::Eof { conn } => self.deliver(conn, Inbound::Eof).await,
+            Event::Error { conn, message } => self.deliver(conn, Inbound::Error(message)).await,
+            Event::Reset { conn } => self.deliver(conn, Inbound::Reset).await,
+            Event::Incoming { conn, port } => {
+                let inbound = self.register(conn);
+                if incoming
+                    .send(Incoming {
+                        conn,
+                        port,
+                        inbound,
+                    })
+                    .await
+                    .is_err()
+                {
+                    self.fail(conn, "ringfwd serve is shutting down");
+                }
+            }
+            Event::Pong { .. } => {}
+            Event::GoAway { message } => {
+                tracing::debug!("upstream sent GOAWAY: {message}");
+                self.retire();
+            }
+        }
+    }
+
+    async fn write_loop<W: AsyncWrite>(
+        &self,
+        wr: tokio::io::WriteHalf<W>,
+        mut rx: mpsc::UnboundedReceiver<Frame>,
+    ) -> Result<(), RelayError> {
+        let mut wr = wr;
+        let mut dead = self.watch_dead();
+        let mut batch: Vec<Frame> = Vec::with_capacity(64);
+        loop {
+            let n = tokio::select! {
+                n = rx.recv_many(&mut batch, 64) => n,
+                _ = dead.changed() => 0,
+            };
+            if n == 0 {
+                // Whatever was queued before the end (a GOAWAY, resets) still goes out.
+                while let Ok(f) = rx.try_recv() {
+                    batch.push(f);
+                }
+                let _ = write_all_frames(&mut wr, &batch).await;
+                let _ = wr.shutdown().await;
+                return Ok(());
+            }
+            write_all_frames(&mut wr, &batch).await?;
+            batch.clear();
+        }
+    }
+
+    async fn keepalive(&self) {
+        let opts = &self.shared.opts;
+        let mut dead = self.watch_dead();
+        let mut tick = tokio::time::interval(opts.ping_interval.min(opts.ping_timeout / 2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = dead.changed() => return,
+            }
+            let idle = Duration::from_millis(
+                self.now_ms() - self.shared.last_rx_ms.load(Ordering::Relaxed),
+            );
+            if self.shared.reader_blocked.load(Ordering::Relaxed) {
+                continue;
+            }
+            if idle >= opts.ping_timeout {
+                self.die(RelayError::Unresponsive(idle));
+                return;
+            }
+            if idle >= opts.ping_interval {
+                let mut p = self.proto();
+                p.ping();
+                self.flush(&mut p);
+            }
+        }
+    }
+}
+
+/// Write every frame of `batch`, several per syscall.
+async fn write_all_frames<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    batch: &[Frame],
+) -> std::io::Result<()> {
+    let (mut i, mut off) = (0, 0);
+    while i < batch.len() {
+        let mut slices: [IoSlice<'_>; 64] = [IoSlice::new(&[]); 64];
+        let mut k = 0;
+        for (j, f) in batch[i..].iter().enumerate().take(64) {
+            slices[k] = IoSlice::new(if j == 0 {
+                &f.bytes[off..]
+            } else {
+                &f.bytes[..]
+            });
+            k += 1;
+        }
+        let mut n = wr.write_vectored(&slices[..k]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let left = batch[i].bytes.len() - off;
+            if n >= left {
+                n -= left;
+                i += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+        // Skip empty frames so the loop cannot spin on them.
+        while i < batch.len() && batch[i].bytes.len() == off {
+            i += 1;
+            off = 0;
+        }
+    }
+    Ok(())
+}
