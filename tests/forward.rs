@@ -459,7 +459,7 @@ async fn target_goes_away_while_sending(
         Ok(()) => {}
         // containerd 1.6.20 can wedge the whole session on such a failure; the session is then
         // declared dead and its connections reset: broken, but never a silent truncation.
-        Err(e) if env.kubelet_like && e.contains("reset") => {
+        Err(e) if env.kubelet_like && (e.contains("reset") || e.contains("Broken pipe")) => {
             eprintln!("{}: concurrent connection reset: {e}", env.name)
         }
         Err(e) => return Err(format!("concurrent connection on the same session: {e}").into()),
@@ -542,6 +542,12 @@ fn scenarios(env: &Env) -> Vec<Trial> {
 }
 
 fn main() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
+        )
+        .try_init();
     let mut args = Arguments::from_args();
     // Bulk transfers share two cores: one scenario at a time keeps each one's timing honest.
     args.test_threads.get_or_insert(1);

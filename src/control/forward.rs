@@ -143,6 +143,9 @@ impl Forwarder {
         let url = self.url(ports).await?;
         let up = upgrade(&url, self.cfg.protocol, ports).await?;
         let proto: Box<dyn PortForwardProtocol> = match self.cfg.protocol {
+            Protocol::Spdy if up.half_close => {
+                Box::new(SpdyPortForward::client().with_immediate_eof())
+            }
             Protocol::Spdy => Box::new(SpdyPortForward::client()),
             Protocol::Websocket => {
                 let mut seed = [0u8; 8];

@@ -77,6 +77,11 @@ struct Conn {
     /// Client role: an [`Event::Error`] was reported; later events for the connection are
     /// dropped (it is dead to the relay).
     failed: bool,
+    /// Client role: the data stream ended but the error stream has not; the end of file is
+    /// held until the error stream says whether the connection failed.
+    eof_held: bool,
+    /// Client role: the error stream ended with no text.
+    error_clean: bool,
     /// [`Event::Incoming`] was emitted (server) / always true (client).
     announced: bool,
     /// Server role: events received before the pair was complete.
@@ -94,6 +99,11 @@ pub struct SpdyPortForward {
     /// Client: the next `requestid`. Server: the next locally assigned connection id.
     next_conn: ConnId,
     events: VecDeque<Event>,
+    /// Client role: report a data-stream end of file only once the error stream has ended
+    /// cleanly. kubelet/containerd close the data stream *before* writing the error text
+    /// (containerd's portForward defers `stream.Close()`), so an end of file on the data stream
+    /// alone does not mean the transfer succeeded.
+    eof_waits_for_error_stream: bool,
 }
 
 fn parse_port(value: Option<&str>) -> Result<u16, String> {
@@ -135,6 +145,14 @@ impl SpdyPortForward {
         Self::new(Role::Client)
     }
 
+    /// Client role against a server that reports errors before ending the data stream and
+    /// keeps the error stream open until both directions are done (`ringfwd serve`): report end
+    /// of file as soon as the data stream ends.
+    pub fn with_immediate_eof(mut self) -> Self {
+        self.eof_waits_for_error_stream = false;
+        self
+    }
+
     /// The side that kubelet / the CRI stream server plays: accepts connections.
     pub fn server() -> Self {
         Self::new(Role::Server)
@@ -148,6 +166,7 @@ impl SpdyPortForward {
             pending: HashMap::new(),
             next_conn: 0,
             events: VecDeque::new(),
+            eof_waits_for_error_stream: true,
         }
     }
 
@@ -289,6 +308,7 @@ impl SpdyPortForward {
             return;
         };
         let client = self.is_client();
+        let wait_for_error_stream = client && self.eof_waits_for_error_stream;
         let Some(conn) = self.conns.get_mut(&conn_id) else {
             return;
         };
@@ -296,6 +316,10 @@ impl SpdyPortForward {
             Kind::Data => {
                 if !conn.failed {
                     let text_pending = client && !conn.error_text.is_empty();
+                    let hold = fin && !text_pending && wait_for_error_stream && !conn.error_clean;
+                    if hold {
+                        conn.eof_held = true;
+                    }
                     if !data.is_empty() {
                         self.emit(
                             conn_id,
@@ -310,7 +334,7 @@ impl SpdyPortForward {
                         // FIN has not arrived yet.
                         if text_pending {
                             self.report_error(conn_id);
-                        } else {
+                        } else if !hold {
                             self.emit(conn_id, Event::Eof { conn: conn_id });
                         }
                     }
@@ -324,6 +348,11 @@ impl SpdyPortForward {
                     let full = conn.error_text.len() >= MAX_ERROR_MESSAGE;
                     if full || (fin && !conn.error_text.is_empty()) {
                         self.report_error(conn_id);
+                    } else if fin {
+                        conn.error_clean = true;
+                        if std::mem::take(&mut conn.eof_held) {
+                            self.emit(conn_id, Event::Eof { conn: conn_id });
+                        }
                     }
                 }
             }
@@ -657,7 +686,8 @@ mod tests {
     impl Wire {
         fn new() -> Self {
             Wire {
-                c: SpdyPortForward::client(),
+                // Our own server keeps the error stream open until both directions are done.
+                c: SpdyPortForward::client().with_immediate_eof(),
                 s: SpdyPortForward::server(),
                 to_s: BytesMut::new(),
                 to_c: BytesMut::new(),
@@ -1072,6 +1102,29 @@ mod tests {
     }
 
     #[test]
+    fn client_holds_eof_until_error_stream_ends() {
+        // conn 0: streams 1 (error), 3 (data); conn 1: 5, 7.
+        let (mut c, mut raw, _) = client_with_raw_server(2);
+        assert_eq!(feed(&mut c, &mut raw), vec![]);
+        // containerd closes the data stream before writing the error: no Eof may escape.
+        raw.send_data(3, b"partial", true).unwrap();
+        assert_eq!(feed(&mut c, &mut raw), vec![data(0, b"partial")]);
+        raw.send_data(1, b"connection reset by peer", true).unwrap();
+        assert_eq!(
+            feed(&mut c, &mut raw),
+            vec![Event::Error {
+                conn: 0,
+                message: "connection reset by peer".into()
+            }]
+        );
+        // A clean error stream releases the held end of file.
+        raw.send_data(7, b"all", true).unwrap();
+        assert_eq!(feed(&mut c, &mut raw), vec![data(1, b"all")]);
+        raw.send_data(5, b"", true).unwrap();
+        assert_eq!(feed(&mut c, &mut raw), vec![Event::Eof { conn: 1 }]);
+    }
+
+    #[test]
     fn client_error_stream_semantics() {
         // conn 0: streams 1 (error), 3 (data); conn 1: 5, 7; conn 2: 9, 11; conn 3: 13, 15.
         let (mut c, mut raw, _) = client_with_raw_server(4);
@@ -1104,6 +1157,7 @@ mod tests {
             ]
         );
         // conn 2's late error FIN reports nothing more.
+        // (conn 4, opened below, covers containerd's order: data FIN first, then the text.)
         raw.send_data(9, b" more", true).unwrap();
         assert_eq!(feed(&mut c, &mut raw), vec![]);
         // The reset conn's other stream was reset by us.
