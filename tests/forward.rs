@@ -595,6 +595,7 @@ fn main() {
             };
             trials.extend(scenarios(&env));
             trials.push(cli_unknown_sandbox(&c));
+            trials.push(bench_through_containerd(&c, &sb));
             Some((c, sb))
         }
         Err(reason) => {
@@ -650,4 +651,29 @@ fn cli_unknown_sandbox(c: &support::containerd::Containerd) -> Trial {
             )
         },
     )
+}
+
+/// `ringfwd bench` through containerd's stream server into the pod (opt-in: `--ignored`).
+/// perf/ records its output: `cargo test --release --test forward -- --ignored containerd::bench`.
+fn bench_through_containerd(
+    c: &support::containerd::Containerd,
+    sb: &support::containerd::Sandbox,
+) -> Trial {
+    let args = ringfwd::bench::BenchArgs {
+        bytes: 1 << 30,
+        connects: 200,
+        echoes: 2000,
+        protocol: Protocol::Spdy,
+        runtime_endpoint: Some(c.endpoint()),
+        url: None,
+        sandbox: Some(sb.id.clone()),
+        targets_netns: Some(sb.netns.clone()),
+        target_ports: None,
+    };
+    Trial::test("containerd::bench::spdy_1gib", move || {
+        let report = ringfwd::bench::measure(&args)?;
+        println!("{report}");
+        Ok(())
+    })
+    .with_ignored_flag(true)
 }
