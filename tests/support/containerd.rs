@@ -375,19 +375,20 @@ impl Keeper {
                 let _ = stop_rx.recv();
                 // Safety: plain kill(2) on our own child, which has not been reaped yet.
                 unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-                let deadline = Instant::now() + STOP_TIMEOUT;
-                loop {
-                    match child.try_wait() {
-                        Ok(Some(_)) => return,
-                        Ok(None) if Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_millis(10))
-                        }
-                        _ => break,
-                    }
+                // Wait for the exit itself (a waiter thread reports it), not by polling.
+                let pid = child.id() as libc::pid_t;
+                let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                    let _ = exit_tx.send(());
+                });
+                if exit_rx.recv_timeout(STOP_TIMEOUT).is_ok() {
+                    return;
                 }
                 eprintln!("containerd fixture: containerd ignored SIGTERM, killing it");
-                let _ = child.kill();
-                let _ = child.wait();
+                // Safety: kill(2) on our child, not yet reaped (the waiter has not returned).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = exit_rx.recv();
             })
             .expect("spawn keeper thread");
         let pid = pid_rx
