@@ -103,10 +103,11 @@ async fn relay(
     let hold_fin = side == Side::Client && !session.forward_half_close();
     let up_done = AtomicBool::new(false);
     let eof_seen = AtomicBool::new(false);
+    // Local bytes read but not yet handed to the session.
+    let up_pending = AtomicBool::new(false);
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);
     let eof_notify = Notify::new();
-    let mut dead = session.watch_dead();
 
     let outcome = {
         let (mut rd, mut wr) = tcp.split();
@@ -135,10 +136,12 @@ async fn relay(
                     return Ok::<(), ConnOutcome>(());
                 }
                 up_bytes.fetch_add(n as u64, Relaxed);
+                up_pending.store(true, Relaxed);
                 session
                     .send_data(conn, &mut buf)
                     .await
                     .map_err(ConnOutcome::Upstream)?;
+                up_pending.store(false, Relaxed);
             }
         };
         let down = async {
@@ -186,15 +189,26 @@ async fn relay(
                     }
                     Err(e) => break Err(e),
                 },
+                // A dead session drops this connection's queue: `down` still delivers what was
+                // queued before it (the last data, an end of file) and then ends.
                 r = &mut down => break r,
-                _ = dead.changed() => {
-                    let why = session.dead_reason().map(|r| r.to_string()).unwrap_or_default();
-                    break Err(ConnOutcome::SessionLost(why));
-                }
             }
         }
     };
 
+    // The peer finished its direction and then ended the whole session in order (a WebSocket
+    // server closes once its targets are done; there is no half-close in v4.channel.k8s.io).
+    // Everything it sent has arrived, so this is a target that closed, not a broken transfer:
+    // close the local socket normally. As with a direct TCP connection to a closed target, the
+    // kernel resets it if the client sent anything that now cannot be delivered.
+    let outcome = match outcome {
+        Err(ConnOutcome::SessionLost(_))
+            if eof_seen.load(Relaxed) && !up_pending.load(Relaxed) && session.ended_in_order() =>
+        {
+            Ok(())
+        }
+        o => o,
+    };
     match outcome {
         Ok(()) => {
             match side {

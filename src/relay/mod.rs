@@ -41,6 +41,10 @@ pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(30);
 /// client's half-close still arrive whole through kubelet/containerd (which allow one second).
 pub const DEFAULT_HALF_CLOSE_HOLD: Duration = Duration::from_secs(30);
 
+/// How long a session we closed keeps reading (and discarding) for the peer's own close, so
+/// that our last bytes reach it instead of being cut off by a TCP reset.
+pub const LINGER: Duration = Duration::from_secs(5);
+
 /// Errors of the data plane.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {

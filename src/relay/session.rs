@@ -81,6 +81,12 @@ struct Shared {
     budget: Arc<Semaphore>,
     dead: watch::Sender<Option<Arc<str>>>,
     retiring: AtomicBool,
+    /// We ended the session ourselves (GOAWAY / close frame sent): the reader drains what the
+    /// peer still sends instead of closing under it, so our last frames are not lost to a TCP
+    /// reset (closing a socket with unread input resets it and discards unsent output).
+    closing: AtomicBool,
+    /// The peer said goodbye (GOAWAY / WebSocket close) before the session ended.
+    peer_closed: AtomicBool,
     /// Reader is waiting for a slow local client: silence upstream is then our doing.
     reader_blocked: AtomicBool,
     last_rx_ms: AtomicU64,
@@ -118,6 +124,8 @@ impl Session {
             budget: Arc::new(Semaphore::new(SESSION_WRITE_BUDGET)),
             dead: watch::channel(None).0,
             retiring: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            peer_closed: AtomicBool::new(false),
             reader_blocked: AtomicBool::new(false),
             last_rx_ms: AtomicU64::new(0),
             started: Instant::now(),
@@ -178,6 +186,13 @@ impl Session {
         if idle && self.shared.retiring.load(Ordering::Acquire) {
             self.shutdown();
         }
+    }
+
+    /// The session ended in order: we or the peer closed it (GOAWAY, WebSocket close, end of
+    /// stream) rather than it failing (I/O error, protocol error, silence).
+    pub fn ended_in_order(&self) -> bool {
+        self.shared.closing.load(Ordering::Acquire)
+            || self.shared.peer_closed.load(Ordering::Acquire)
     }
 
     /// Why the session died, once it has.
@@ -314,6 +329,7 @@ impl Session {
             p.goaway();
             self.flush(&mut p);
         }
+        self.shared.closing.store(true, Ordering::Release);
         self.die(RelayError::SessionClosed);
     }
 
@@ -374,7 +390,12 @@ impl Session {
             }
             let n = tokio::select! {
                 n = rd.read_buf(&mut buf) => n?,
-                _ = dead.changed() => return Ok(()),
+                _ = dead.changed() => {
+                    if self.shared.closing.load(Ordering::Acquire) {
+                        drain(&mut rd).await;
+                    }
+                    return Ok(());
+                }
             };
             if n == 0 {
                 return Err(RelayError::UpstreamClosed);
@@ -443,6 +464,7 @@ impl Session {
             Event::Pong { .. } => {}
             Event::GoAway { message } => {
                 tracing::debug!("upstream sent GOAWAY: {message}");
+                self.shared.peer_closed.store(true, Ordering::Release);
                 self.retire();
             }
         }
@@ -502,6 +524,20 @@ impl Session {
             }
         }
     }
+}
+
+/// After our goodbye: read and discard until the peer closes too (or [`super::LINGER`]
+/// passes), the way a lingering close works, so that the peer reads everything we sent.
+async fn drain<R: AsyncRead + Unpin>(rd: &mut R) {
+    let mut sink = vec![0u8; 16 * 1024];
+    let _ = tokio::time::timeout(super::LINGER, async {
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Write every frame of `batch`, several per syscall.
