@@ -498,6 +498,7 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
     let cfg = ForwardConfig {
         upstream,
         protocol: a.protocol,
+        fallback_to_spdy: false,
         addresses: vec![Ipv4Addr::LOCALHOST.into()],
         session: SessionOptions::default(),
     };

@@ -13,6 +13,7 @@
 //! - [`metrics`]: counters the data plane bumps.
 
 pub mod bench;
+pub mod cli;
 pub mod control;
 pub mod metrics;
 pub mod proto;

@@ -80,6 +80,7 @@ impl Env {
         let cfg = ForwardConfig {
             upstream: self.upstream.clone(),
             protocol,
+            fallback_to_spdy: false,
             addresses: vec![Ipv4Addr::LOCALHOST.into()],
             session: SessionOptions {
                 ping_interval: Duration::from_millis(500),

@@ -15,8 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
 use super::ControlError;
+use super::cluster::Cluster;
 use super::cri::CriClient;
-use super::upgrade::{Protocol, upgrade};
+use super::upgrade::{Protocol, Upgraded, upgrade};
 use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
@@ -29,6 +30,8 @@ pub enum Upstream {
     Cri { endpoint: String, sandbox: String },
     /// A fixed stream-server URL (`ringfwd serve`, or a URL a runtime already handed out).
     Url(String),
+    /// A pod's `portforward` subresource on the API server.
+    Api { cluster: Cluster, pod: String },
 }
 
 /// `[LOCAL:]REMOTE`, as kubectl: `8080`, `8080:80`, `:80` (any free local port).
@@ -79,6 +82,9 @@ impl FromStr for PortSpec {
 pub struct ForwardConfig {
     pub upstream: Upstream,
     pub protocol: Protocol,
+    /// When the API server refuses the upgrade to [`Protocol::Tunnel`], use SPDY/3.1 instead
+    /// (what kubectl 1.31+ does against servers older than 1.30).
+    pub fallback_to_spdy: bool,
     pub addresses: Vec<IpAddr>,
     pub session: SessionOptions,
 }
@@ -94,6 +100,8 @@ pub struct Forwarder {
     cfg: ForwardConfig,
     cri: Option<Mutex<CriClient>>,
     remote_ports: Vec<u16>,
+    /// The protocol in use: the configured one, or SPDY after a fallback.
+    protocol: std::sync::Mutex<Protocol>,
     current: Mutex<Option<Session>>,
     sessions_started: AtomicU64,
     sessions_retired: AtomicU64,
@@ -105,11 +113,12 @@ impl Forwarder {
     pub async fn new(cfg: ForwardConfig, specs: &[PortSpec]) -> Result<Arc<Self>, ControlError> {
         let cri = match &cfg.upstream {
             Upstream::Cri { endpoint, .. } => Some(Mutex::new(CriClient::connect(endpoint).await?)),
-            Upstream::Url(_) => None,
+            Upstream::Url(_) | Upstream::Api { .. } => None,
         };
         let mut remote_ports: Vec<u16> = specs.iter().map(|s| s.remote).collect();
         remote_ports.dedup();
         let fwd = Arc::new(Forwarder {
+            protocol: std::sync::Mutex::new(cfg.protocol),
             cfg,
             cri,
             remote_ports,
@@ -117,16 +126,47 @@ impl Forwarder {
             sessions_started: AtomicU64::new(0),
             sessions_retired: AtomicU64::new(0),
         });
-        match fwd.cfg.protocol {
-            Protocol::Spdy => {
-                fwd.session_for(fwd.remote_ports[0]).await?;
-            }
-            // Each WebSocket connection gets its own session; just check the runtime answers.
-            Protocol::Websocket => {
-                fwd.url(&fwd.remote_ports).await?;
-            }
+        if fwd.protocol().multiplexed() {
+            fwd.session_for(fwd.remote_ports[0]).await?;
+        } else {
+            // Each WebSocket connection gets its own session; prove one upgrade works.
+            let up = fwd.upgrade(&fwd.remote_ports).await?;
+            drop(up);
         }
         Ok(fwd)
+    }
+
+    /// The protocol sessions are opened with.
+    pub fn protocol(&self) -> Protocol {
+        *self.protocol.lock().expect("protocol lock")
+    }
+
+    async fn upgrade_with(
+        &self,
+        protocol: Protocol,
+        ports: &[u16],
+    ) -> Result<Upgraded, ControlError> {
+        match &self.cfg.upstream {
+            Upstream::Api { cluster, pod } => cluster.upgrade(pod, protocol, ports).await,
+            _ => upgrade(&self.url(ports).await?, protocol, ports).await,
+        }
+    }
+
+    /// Upgrade a new connection, falling back from the tunnel to SPDY/3.1 when configured to
+    /// and the server answers the tunnel with anything but `101`.
+    async fn upgrade(&self, ports: &[u16]) -> Result<(Upgraded, Protocol), ControlError> {
+        let protocol = self.protocol();
+        match self.upgrade_with(protocol, ports).await {
+            Err(e @ (ControlError::ApiRejected { .. } | ControlError::Rejected { .. }))
+                if protocol == Protocol::Tunnel && self.cfg.fallback_to_spdy =>
+            {
+                tracing::info!("{e}; falling back to SPDY/3.1");
+                let up = self.upgrade_with(Protocol::Spdy, ports).await?;
+                *self.protocol.lock().expect("protocol lock") = Protocol::Spdy;
+                Ok((up, Protocol::Spdy))
+            }
+            r => r.map(|up| (up, protocol)),
+        }
     }
 
     async fn url(&self, ports: &[u16]) -> Result<String, ControlError> {
@@ -136,17 +176,17 @@ impl Forwarder {
                 let cri = self.cri.as_ref().expect("CRI upstream has a client");
                 Ok(cri.lock().await.port_forward(sandbox, ports).await?)
             }
+            Upstream::Api { .. } => unreachable!("the API server has no stream-server URL"),
         }
     }
 
     async fn new_session(&self, ports: &[u16]) -> Result<Session, ControlError> {
-        let url = self.url(ports).await?;
-        let up = upgrade(&url, self.cfg.protocol, ports).await?;
-        let proto: Box<dyn PortForwardProtocol> = match self.cfg.protocol {
-            Protocol::Spdy if up.half_close => {
+        let (up, protocol) = self.upgrade(ports).await?;
+        let proto: Box<dyn PortForwardProtocol> = match protocol {
+            Protocol::Spdy | Protocol::Tunnel if up.half_close => {
                 Box::new(SpdyPortForward::client().with_immediate_eof())
             }
-            Protocol::Spdy => Box::new(SpdyPortForward::client()),
+            Protocol::Spdy | Protocol::Tunnel => Box::new(SpdyPortForward::client()),
             Protocol::Websocket => {
                 let mut seed = [0u8; 8];
                 getrandom::fill(&mut seed).expect("OS randomness");
@@ -157,7 +197,7 @@ impl Forwarder {
         opts.forward_half_close = up.half_close;
         let (session, _incoming) = Session::start(up.io, up.prefix, proto, opts);
         self.sessions_started.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!("new {:?} session to {url}", self.cfg.protocol);
+        tracing::debug!("new {} session", protocol.name());
         Ok(session)
     }
 
@@ -173,7 +213,7 @@ impl Forwarder {
 
     /// The session a new connection to `port` should use.
     pub async fn session_for(&self, port: u16) -> Result<Session, ControlError> {
-        if self.cfg.protocol == Protocol::Websocket {
+        if !self.protocol().multiplexed() {
             return self.new_session(&[port]).await;
         }
         let mut cur = self.current.lock().await;
@@ -249,6 +289,7 @@ impl Forwarder {
                 return ConnOutcome::SessionLost(e.to_string());
             }
         };
+        let session_multiplexed = self.protocol().multiplexed();
         let outcome = relay_client_conn(&session, tcp, remote).await;
         match &outcome {
             ConnOutcome::Clean { .. } => {
@@ -268,7 +309,7 @@ impl Forwarder {
             }
             _ => tracing::warn!("connection from {peer} to port {remote} reset: {outcome}"),
         }
-        if self.cfg.protocol == Protocol::Websocket {
+        if !session_multiplexed {
             session.close();
         }
         outcome

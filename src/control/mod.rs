@@ -1,9 +1,10 @@
 //! Control plane: everything that happens before bytes flow and when a session must be replaced.
 //!
-//! Owns the CRI client ([`cri`]), the HTTP upgrade to SPDY/3.1 or WebSocket ([`upgrade`]) and
+//! Owns cluster access through the API server ([`cluster`]), the CRI client ([`cri`]), the HTTP upgrade to SPDY/3.1 or WebSocket ([`upgrade`]) and
 //! the forwarder ([`forward`]): local listeners, which session a new connection goes to, and
 //! when to ask for a new one. It never copies payload bytes: that is [`crate::relay`].
 
+pub mod cluster;
 pub mod cri;
 pub mod forward;
 pub mod upgrade;
@@ -40,6 +41,23 @@ pub enum ControlError {
     Listen {
         addr: String,
         source: std::io::Error,
+    },
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    /// A failed API call, already one line (kubectl's `Error from server (Reason): message`).
+    #[error("{0}")]
+    Api(String),
+    /// A target that cannot be forwarded to: unknown type, no pod, not running, no such port.
+    #[error("{0}")]
+    Target(String),
+    #[error(
+        "API server refused to port-forward to pod {pod} ({protocol}): {message} (HTTP {status})"
+    )]
+    ApiRejected {
+        pod: String,
+        protocol: &'static str,
+        status: u16,
+        message: String,
     },
     #[error("{0}")]
     Relay(#[from] crate::relay::RelayError),

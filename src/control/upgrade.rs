@@ -1,18 +1,26 @@
-//! The HTTP/1.1 upgrade that turns a stream-server URL into a raw multiplexed byte stream.
+//! The HTTP/1.1 upgrade that turns a port-forward request into a raw multiplexed byte stream.
 //!
-//! A CRI runtime hands out `http://HOST:PORT/portforward/TOKEN`; `ringfwd serve` listens on any
-//! URL. We POST with `Upgrade: SPDY/3.1` (or GET with `Upgrade: websocket` and subprotocol
-//! `v4.channel.k8s.io`), expect `101`, and take the TCP socket back out of hyper together with
-//! any bytes hyper already read past the response, so the relay owns the socket directly.
+//! Two places answer it. A stream server (a CRI runtime hands out
+//! `http://HOST:PORT/portforward/TOKEN`; `ringfwd serve` listens on any URL) is reached over
+//! plain TCP by [`upgrade`], which takes the socket back out of hyper together with any bytes
+//! hyper read past the response, so the relay owns the socket directly. The API server is
+//! reached through the `kube` client (TLS, auth) by [`crate::control::cluster`]; both build the
+//! request with [`prepare`] and check the answer with [`Ask::check`].
+//!
+//! The asks: SPDY/3.1 is a `POST` with `Upgrade: SPDY/3.1` and `X-Stream-Protocol-Version:
+//! portforward.k8s.io`; WebSocket is a `GET` with `Upgrade: websocket` and subprotocol
+//! `v4.channel.k8s.io` (ports in the query) or, for the API server's KEP-4006 tunnel,
+//! `SPDY/3.1+portforward.k8s.io`.
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, Uri, header};
+use http::{HeaderMap, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{ControlError, HALF_CLOSE_HEADER};
 use crate::proto::ws::handshake;
+use crate::relay::UpstreamIo;
 
 /// Which upgrade to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -22,6 +30,24 @@ pub enum Protocol {
     Spdy,
     /// WebSocket `v4.channel.k8s.io`: one session per connection, ports fixed at upgrade.
     Websocket,
+    /// SPDY/3.1 carried in WebSocket binary messages (`SPDY/3.1+portforward.k8s.io`), what the
+    /// API server offers since Kubernetes 1.30. Not spoken by stream servers.
+    Tunnel,
+}
+
+impl Protocol {
+    /// Several connections share one session.
+    pub fn multiplexed(self) -> bool {
+        self != Protocol::Websocket
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Spdy => "SPDY/3.1",
+            Protocol::Websocket => "websocket v4.channel.k8s.io",
+            Protocol::Tunnel => "websocket SPDY/3.1+portforward.k8s.io",
+        }
+    }
 }
 
 pub const SPDY_UPGRADE: &str = "SPDY/3.1";
@@ -30,14 +56,102 @@ pub const STREAM_PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 
 /// An upgraded connection, ready for a session.
 pub struct Upgraded {
-    pub io: TcpStream,
-    /// Bytes read from the socket after the 101 response.
+    pub io: Box<dyn UpstreamIo>,
+    /// Bytes read from the connection after the 101 response.
     pub prefix: Bytes,
     /// The server passes a half-close on to the target.
     pub half_close: bool,
 }
 
-/// Upgrade `url` to `protocol`. `ports` is used by WebSocket only (query `port=`).
+/// What an upgrade asked for, to check the server's answer against.
+pub struct Ask {
+    pub protocol: Protocol,
+    ws_key: Option<String>,
+}
+
+/// Method, URI and upgrade headers for asking `path_and_query` to switch to `protocol`; the
+/// caller adds `Host`, auth and a body.
+pub fn prepare(protocol: Protocol, path_and_query: &str) -> (http::request::Builder, Ask) {
+    let builder = Request::builder()
+        .uri(path_and_query)
+        .header(header::CONNECTION, "Upgrade");
+    let ws = |b: http::request::Builder, subprotocol: &str| {
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).expect("OS randomness");
+        let hs = handshake::client_handshake(nonce, &[subprotocol]);
+        let mut b = b.method(Method::GET);
+        for (name, value) in &hs.headers {
+            if !name.eq_ignore_ascii_case("connection") {
+                b = b.header(*name, value);
+            }
+        }
+        (b, Some(hs.key))
+    };
+    let (builder, ws_key) = match protocol {
+        Protocol::Spdy => (
+            builder
+                .method(Method::POST)
+                .header(header::UPGRADE, SPDY_UPGRADE)
+                .header(STREAM_PROTOCOL_HEADER, PORT_FORWARD_PROTOCOL),
+            None,
+        ),
+        Protocol::Websocket => ws(builder, handshake::PROTOCOL_V4_CHANNEL),
+        Protocol::Tunnel => ws(builder, handshake::PROTOCOL_SPDY_TUNNEL),
+    };
+    (builder, Ask { protocol, ws_key })
+}
+
+impl Ask {
+    /// Check the headers of a `101` answer; returns whether the server passes a half-close on
+    /// to the target.
+    pub fn check(&self, headers: &HeaderMap) -> Result<bool, ControlError> {
+        let hdr = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        match self.protocol {
+            Protocol::Spdy => {
+                if !hdr(header::UPGRADE.as_str())
+                    .is_some_and(|u| u.eq_ignore_ascii_case(SPDY_UPGRADE))
+                {
+                    return Err(ControlError::BadUpgrade {
+                        what: "Upgrade: SPDY/3.1".into(),
+                    });
+                }
+            }
+            Protocol::Websocket | Protocol::Tunnel => {
+                let want = if self.protocol == Protocol::Tunnel {
+                    handshake::PROTOCOL_SPDY_TUNNEL
+                } else {
+                    handshake::PROTOCOL_V4_CHANNEL
+                };
+                let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+                handshake::validate_response(
+                    101,
+                    pairs,
+                    self.ws_key.as_deref().unwrap_or_default(),
+                    &[want],
+                )
+                .map_err(|e| ControlError::BadUpgrade {
+                    what: format!("a valid websocket answer ({e})"),
+                })?;
+            }
+        }
+        Ok(hdr(HALF_CLOSE_HEADER).is_some_and(|v| v == "1"))
+    }
+}
+
+/// The one line worth showing from an error body: a Kubernetes `Status` message, or the text.
+pub fn error_message(body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        if let Some(m) = v.get("message").and_then(|m| m.as_str()) {
+            return m.to_string();
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+/// Upgrade the stream-server `url` to `protocol`. `ports` is used by WebSocket only (query
+/// `port=`).
 pub async fn upgrade(
     url: &str,
     protocol: Protocol,
@@ -81,36 +195,15 @@ pub async fn upgrade(
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_string();
-    let builder = Request::builder()
+    if protocol == Protocol::Websocket {
+        path.push(if path.contains('?') { '&' } else { '?' });
+        path.push_str(&handshake::port_query(ports));
+    }
+    let (builder, ask) = prepare(protocol, &path);
+    let req = builder
         .header(header::HOST, authority.as_str())
-        .header(header::CONNECTION, "Upgrade");
-    let (req, ws_key) = match protocol {
-        Protocol::Spdy => (
-            builder
-                .method(Method::POST)
-                .uri(&path)
-                .header(header::UPGRADE, SPDY_UPGRADE)
-                .header(STREAM_PROTOCOL_HEADER, PORT_FORWARD_PROTOCOL),
-            None,
-        ),
-        Protocol::Websocket => {
-            path.push(if path.contains('?') { '&' } else { '?' });
-            path.push_str(&handshake::port_query(ports));
-            let mut nonce = [0u8; 16];
-            getrandom::fill(&mut nonce).expect("OS randomness");
-            let hs = handshake::client_handshake(nonce, &[handshake::PROTOCOL_V4_CHANNEL]);
-            let mut b = builder.method(Method::GET).uri(&path);
-            for (name, value) in &hs.headers {
-                if !name.eq_ignore_ascii_case("connection") {
-                    b = b.header(*name, value);
-                }
-            }
-            (b, Some(hs.key))
-        }
-    };
-    let req = req
         .body(Empty::<Bytes>::new())
-        .expect("request is well-formed");
+        .map_err(|e| bad(&e.to_string()))?;
     let resp = sender
         .send_request(req)
         .await
@@ -118,10 +211,6 @@ pub async fn upgrade(
             url: url.into(),
             source,
         })?;
-    let proto_name = match protocol {
-        Protocol::Spdy => "SPDY/3.1",
-        Protocol::Websocket => "websocket",
-    };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status().as_u16();
         let body = resp
@@ -130,45 +219,13 @@ pub async fn upgrade(
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let body = String::from_utf8_lossy(&body).trim().to_string();
         return Err(ControlError::Rejected {
-            protocol: proto_name,
+            protocol: protocol.name(),
             status,
-            body,
+            body: error_message(&body),
         });
     }
-    let hdr = |name: &str| {
-        resp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    match protocol {
-        Protocol::Spdy => {
-            if !hdr(header::UPGRADE.as_str()).is_some_and(|u| u.eq_ignore_ascii_case(SPDY_UPGRADE))
-            {
-                return Err(ControlError::BadUpgrade {
-                    what: "Upgrade: SPDY/3.1".into(),
-                });
-            }
-        }
-        Protocol::Websocket => {
-            let headers = resp
-                .headers()
-                .iter()
-                .map(|(n, v)| (n.as_str(), v.as_bytes()));
-            handshake::validate_response(
-                101,
-                headers,
-                ws_key.as_deref().unwrap_or_default(),
-                &[handshake::PROTOCOL_V4_CHANNEL],
-            )
-            .map_err(|e| ControlError::BadUpgrade {
-                what: format!("a valid websocket answer ({e})"),
-            })?;
-        }
-    }
-    let half_close = hdr(HALF_CLOSE_HEADER).is_some_and(|v| v == "1");
+    let half_close = ask.check(resp.headers())?;
     let upgraded = hyper::upgrade::on(resp)
         .await
         .map_err(|source| ControlError::Http {
@@ -182,7 +239,7 @@ pub async fn upgrade(
                 what: "a plain TCP connection".into(),
             })?;
     Ok(Upgraded {
-        io: parts.io.into_inner(),
+        io: Box::new(parts.io.into_inner()),
         prefix: parts.read_buf,
         half_close,
     })

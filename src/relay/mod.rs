@@ -14,11 +14,21 @@
 
 pub mod conn;
 pub mod session;
+pub mod tunnel;
 
 use std::time::Duration;
 
 pub use conn::{ConnOutcome, relay_client_conn, relay_server_conn};
 pub use session::{Incoming, Session, SessionOptions};
+pub use tunnel::TunnelIo;
+
+/// An upstream byte stream: a plain TCP socket from a stream server, or an upgraded (TLS, maybe
+/// tunnelled) connection through the API server.
+pub trait UpstreamIo:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> UpstreamIo for T {}
 
 /// Size of the buffer one local connection reads into. Large, because bulk transfers (dumps)
 /// are what users push through a forward, and each read becomes one upstream frame.

@@ -1,0 +1,443 @@
+//! The command line, shared by the `ringfwd` and `kubectl-ringfwd` binaries: parses
+//! arguments, sets up logging, and hands off to the library. `ringfwd TYPE/NAME PORTS` is
+//! `kubectl port-forward`; `forward`, `serve`, `bench` and `completion` are subcommands.
+//! Errors become one line on stderr and a non-zero exit.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::control::cluster::{Cluster, ClusterOptions, PortRequest, Target};
+use crate::control::forward::{ForwardConfig, Forwarder, PortSpec, Upstream};
+use crate::control::upgrade::Protocol;
+use crate::relay::SessionOptions;
+use crate::{bench, parse_duration, serve};
+
+const ABOUT: &str = "Forward one or more local ports to a pod, fast, and keep the forward up.";
+
+const LONG_ABOUT: &str = "\
+Forward one or more local ports to a pod, fast, and keep the forward up.
+
+ Use resource type/name such as deploy/mydeployment to select a pod. Resource type defaults to
+'pod' if omitted. For svc/, deploy/, rs/ and sts/ the most active matching pod is selected
+(running, ready, ready longest, fewest restarts), as kubectl does, and named.
+
+ Unlike kubectl, one failed connection (a refused port, a reset) resets that connection only;
+the forward stays up. A connection cut short by a broken session is reset, never ended cleanly.";
+
+const EXAMPLES: &str = "\
+Examples:
+  # Listen on ports 5000 and 6000 locally, forwarding to ports 5000 and 6000 in the pod
+  ringfwd pod/mypod 5000 6000                # kubectl port-forward pod/mypod 5000 6000
+
+  # Listen on 8080 locally, forwarding to the service's port named http in a pod it selects
+  ringfwd svc/myservice 8080:http            # kubectl port-forward svc/myservice 8080:http
+
+  # Listen on port 8888 locally, forwarding to 5000 in a pod of the deployment
+  ringfwd deploy/mydeployment 8888:5000      # kubectl port-forward deploy/mydeployment 8888:5000
+
+  # Listen on port 8888 on all addresses, forwarding to 5000 in the pod
+  ringfwd --address 0.0.0.0 pod/mypod 8888:5000
+
+  # Listen on a random local port, forwarding to 5000 in the pod (the port is printed)
+  ringfwd pod/mypod :5000
+
+  # Without a cluster: forward through a container runtime, or measure the built-in tunnel
+  ringfwd forward --runtime-endpoint unix:///run/containerd/containerd.sock SANDBOX_ID 8080:80
+  ringfwd bench
+
+Usage:
+  ringfwd TYPE/NAME [options] [LOCAL_PORT:]REMOTE_PORT [...[LOCAL_PORT_N:]REMOTE_PORT_N]";
+
+#[derive(Parser)]
+#[command(
+    name = "ringfwd",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    override_usage = "ringfwd TYPE/NAME [options] [LOCAL_PORT:]REMOTE_PORT [...]\n       ringfwd <forward|serve|bench|completion> ..."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Command>,
+    #[command(flatten)]
+    pf: PortForwardArgs,
+}
+
+/// `kubectl port-forward` through the API server.
+#[derive(Args)]
+struct PortForwardArgs {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, a list, merged; then ~/.kube/config).
+    #[arg(long, value_name = "PATH", help_heading = "Cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long, help_heading = "Cluster")]
+    context: Option<String>,
+    /// The kubeconfig cluster to use.
+    #[arg(long, help_heading = "Cluster")]
+    cluster: Option<String>,
+    /// The kubeconfig user to use.
+    #[arg(long, help_heading = "Cluster")]
+    user: Option<String>,
+    /// The namespace of the target (default: the context's, then `default`).
+    #[arg(short = 'n', long, help_heading = "Cluster")]
+    namespace: Option<String>,
+    /// How to talk to the API server: `auto` tries the WebSocket tunnel and falls back to
+    /// SPDY/3.1 when the server refuses it (as kubectl 1.31+; KUBECTL_PORT_FORWARD_WEBSOCKETS=false
+    /// makes `auto` mean `spdy`, as it does for kubectl).
+    #[arg(long, value_enum, default_value = "auto")]
+    protocol: ApiProtocol,
+    /// Addresses to listen on (comma separated). Only IP addresses or `localhost`, which binds
+    /// both 127.0.0.1 and ::1 (::1 only where the host has IPv6).
+    #[arg(long, default_value = "localhost", value_delimiter = ',')]
+    address: Vec<String>,
+    #[command(flatten)]
+    session: SessionArgs,
+    /// pod/NAME (or just NAME), svc/NAME, deploy/NAME, rs/NAME or sts/NAME.
+    #[arg(value_name = "TYPE/NAME", required = true)]
+    target: Option<String>,
+    /// `8080` (same port locally), `8080:80`, `:80` (a free local port, printed), `8080:http`
+    /// (a named container port, or for svc/ a service port).
+    #[arg(value_name = "[LOCAL_PORT:]REMOTE_PORT", required = true)]
+    ports: Vec<String>,
+}
+
+/// `--protocol` towards the API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ApiProtocol {
+    Auto,
+    Tunnel,
+    Spdy,
+    Websocket,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Forward one or more local ports to a pod through a container runtime's stream server.
+    ///
+    /// Examples:
+    ///   ringfwd forward --runtime-endpoint unix:///run/containerd/containerd.sock SANDBOX_ID 8080:80
+    ///   ringfwd forward --url http://127.0.0.1:10350/portforward :5432
+    #[command(verbatim_doc_comment)]
+    Forward(ForwardArgs),
+    /// Serve the port-forward protocols (SPDY/3.1 and WebSocket v4), dialling targets on
+    /// localhost or inside a network namespace.
+    Serve(ServeArgs),
+    /// Measure a tunnel: throughput, CPU per GB, connect and echo latency. With no arguments it
+    /// runs everything in-process on loopback (no cluster needed).
+    Bench(bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Examples:
+    ///   source <(ringfwd completion bash)
+    ///   ringfwd completion zsh > "${fpath[1]}/_ringfwd"
+    #[command(verbatim_doc_comment)]
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args)]
+struct SessionArgs {
+    /// Send a PING after this long without hearing from upstream.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    ping_interval: Duration,
+    /// Declare the upstream session dead after this long without hearing from it; its
+    /// connections are reset and the next connection opens a new session.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    ping_timeout: Duration,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// CRI runtime endpoint (unix:///run/containerd/containerd.sock); the first argument is then
+    /// the pod sandbox id.
+    #[arg(long, conflicts_with = "url")]
+    runtime_endpoint: Option<String>,
+    /// A stream-server URL to use directly (e.g. one printed by `ringfwd serve`).
+    #[arg(long)]
+    url: Option<String>,
+    /// Upgrade protocol.
+    #[arg(long, value_enum, default_value = "spdy")]
+    protocol: Protocol,
+    /// Local addresses to listen on (comma-separated IPs or `localhost`).
+    #[arg(long, default_value = "localhost", value_delimiter = ',')]
+    address: Vec<String>,
+    #[command(flatten)]
+    session: SessionArgs,
+    /// [SANDBOX_ID] [LOCAL:]REMOTE ...
+    #[arg(required = true)]
+    args: Vec<String>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Dial targets inside this network namespace (e.g. /var/run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    #[command(flatten)]
+    session: SessionArgs,
+}
+
+fn addresses(list: &[String]) -> Result<Vec<IpAddr>, String> {
+    let mut out = Vec::new();
+    for a in list {
+        match a.as_str() {
+            "localhost" => out.extend([
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ]),
+            s => {
+                out.push(s.parse().map_err(|_| {
+                    format!("invalid --address {s:?}: not an IP address or localhost")
+                })?)
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn session_opts(a: &SessionArgs) -> SessionOptions {
+    SessionOptions {
+        ping_interval: a.ping_interval,
+        ping_timeout: a.ping_timeout,
+        ..SessionOptions::default()
+    }
+}
+
+async fn forward(a: ForwardArgs) -> Result<(), String> {
+    let mut rest = a.args.as_slice();
+    let upstream = match (&a.runtime_endpoint, &a.url) {
+        (Some(ep), None) => {
+            let (sandbox, ports) = rest.split_first().ok_or("missing sandbox id")?;
+            rest = ports;
+            Upstream::Cri {
+                endpoint: ep.clone(),
+                sandbox: sandbox.clone(),
+            }
+        }
+        (None, Some(url)) => Upstream::Url(url.clone()),
+        _ => {
+            return Err(
+                "say where to forward: --runtime-endpoint ENDPOINT SANDBOX_ID, or --url URL".into(),
+            );
+        }
+    };
+    if rest.is_empty() {
+        return Err("no ports to forward: give at least one [LOCAL:]REMOTE".into());
+    }
+    let specs: Vec<PortSpec> = rest
+        .iter()
+        .map(|s| s.parse::<PortSpec>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let cfg = ForwardConfig {
+        upstream,
+        protocol: a.protocol,
+        fallback_to_spdy: false,
+        addresses: listen_addresses(&a.address)?,
+        session: session_opts(&a.session),
+    };
+    let fwd = Forwarder::new(cfg, &specs)
+        .await
+        .map_err(|e| e.to_string())?;
+    run_forward(fwd, &specs).await
+}
+
+fn listen_addresses(list: &[String]) -> Result<Vec<IpAddr>, String> {
+    let mut addrs = addresses(list)?;
+    // `localhost` binds ::1 only where the host has IPv6.
+    if list.iter().any(|s| s == "localhost") && std::net::TcpListener::bind("[::1]:0").is_err() {
+        addrs.retain(|ip| ip.is_ipv4());
+    }
+    Ok(addrs)
+}
+
+/// `ringfwd TYPE/NAME PORTS`: resolve the target through the API server, then forward.
+async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
+    let target = a.target.as_deref().ok_or("missing TYPE/NAME")?;
+    let target: Target = target.parse().map_err(|e: ControlErr| e.to_string())?;
+    let requests: Vec<PortRequest> = a
+        .ports
+        .iter()
+        .map(|s| s.parse::<PortRequest>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let addresses = listen_addresses(&a.address)?;
+    let cluster = Cluster::connect(&ClusterOptions {
+        kubeconfig: a.kubeconfig,
+        context: a.context,
+        cluster: a.cluster,
+        user: a.user,
+        namespace: a.namespace,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let resolved = cluster
+        .resolve(&target, &requests)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !matches!(target.kind, crate::control::cluster::Kind::Pod) {
+        println!(
+            "Selected pod {} for {target} ({}; {} matching pods)",
+            resolved.pod,
+            if resolved.ready {
+                "ready"
+            } else {
+                "running, not ready"
+            },
+            resolved.candidates,
+        );
+    }
+    let websockets_off = std::env::var("KUBECTL_PORT_FORWARD_WEBSOCKETS")
+        .is_ok_and(|v| v.eq_ignore_ascii_case("false"));
+    let (protocol, fallback_to_spdy) = match a.protocol {
+        ApiProtocol::Auto if websockets_off => (Protocol::Spdy, false),
+        ApiProtocol::Auto => (Protocol::Tunnel, true),
+        ApiProtocol::Tunnel => (Protocol::Tunnel, false),
+        ApiProtocol::Spdy => (Protocol::Spdy, false),
+        ApiProtocol::Websocket => (Protocol::Websocket, false),
+    };
+    let cfg = ForwardConfig {
+        upstream: Upstream::Api {
+            cluster,
+            pod: resolved.pod.clone(),
+        },
+        protocol,
+        fallback_to_spdy,
+        addresses,
+        session: session_opts(&a.session),
+    };
+    let fwd = Forwarder::new(cfg, &resolved.ports)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::debug!(
+        "port-forward to pod {} over {}",
+        resolved.pod,
+        fwd.protocol().name()
+    );
+    run_forward(fwd, &resolved.ports).await
+}
+
+type ControlErr = crate::control::ControlError;
+
+/// Bind, print kubectl's `Forwarding from` lines, and relay until interrupted.
+async fn run_forward(fwd: Arc<Forwarder>, specs: &[PortSpec]) -> Result<(), String> {
+    let listeners = fwd.bind(specs).await.map_err(|e| e.to_string())?;
+    for l in &listeners {
+        println!("Forwarding from {} -> {}", l.local, l.remote);
+    }
+    // Scripts wait for these lines: do not leave them in a pipe buffer.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        tasks.spawn(fwd.clone().serve_listener(l));
+    }
+    tokio::select! {
+        _ = tasks.join_next() => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+async fn serve_cmd(a: ServeArgs) -> Result<(), String> {
+    let dialer = match &a.netns {
+        Some(p) => serve::Dialer::netns(p)
+            .map_err(|e| format!("cannot enter network namespace {}: {e}", p.display()))?,
+        None => serve::Dialer::Local,
+    };
+    let (listener, url) = serve::bind(a.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
+    println!("Serving port-forward on {url}");
+    let opts = SessionOptions {
+        forward_half_close: true,
+        ..session_opts(&a.session)
+    };
+    tokio::select! {
+        r = serve::serve(listener, dialer, opts) => r.map_err(|e| e.to_string()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+/// Entry point of both binaries. Invoked as `kubectl-ringfwd` (a kubectl plugin), help and
+/// usage say `kubectl ringfwd`.
+pub fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let as_plugin = std::path::Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("kubectl-"));
+    let mut cmd = Cli::command();
+    if as_plugin {
+        cmd = cmd
+            .name("kubectl ringfwd")
+            .bin_name("kubectl ringfwd")
+            .override_usage(
+                "kubectl ringfwd TYPE/NAME [options] [LOCAL_PORT:]REMOTE_PORT [...]\n       \
+                 kubectl ringfwd <forward|serve|bench|completion> ...",
+            )
+            .after_help(EXAMPLES.replace("  ringfwd ", "  kubectl ringfwd "));
+    }
+    let matches = cmd.get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "ringfwd=info".into()),
+        )
+        .init();
+    let res = match cli.cmd {
+        Some(Command::Bench(a)) => bench::run(a),
+        Some(Command::Completion { shell }) => {
+            let name = if as_plugin {
+                "kubectl-ringfwd"
+            } else {
+                "ringfwd"
+            };
+            clap_complete::generate(shell, &mut Cli::command(), name, &mut std::io::stdout());
+            Ok(())
+        }
+        cmd => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("rf-client")
+                .build();
+            let rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => return fail(&format!("cannot start runtime: {e}")),
+            };
+            rt.block_on(async move {
+                match cmd {
+                    Some(Command::Forward(a)) => forward(a).await,
+                    Some(Command::Serve(a)) => serve_cmd(a).await,
+                    None => port_forward(cli.pf).await,
+                    Some(Command::Bench(_) | Command::Completion { .. }) => unreachable!(),
+                }
+            })
+        }
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::FAILURE
+}

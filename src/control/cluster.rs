@@ -1,0 +1,811 @@
+//! The API-server path: kubeconfig, kubectl-style targets, and the port-forward upgrade.
+//!
+//! This module owns everything `kubectl port-forward` does before bytes flow: loading the
+//! kubeconfig (every auth kind the `kube` crate supports: client certificates, bearer tokens,
+//! token files, exec plugins, OIDC), turning `svc/NAME`, `deploy/NAME`, ... into one pod the way
+//! kubectl picks it, translating named and service ports into container ports, and upgrading
+//! `POST /api/v1/namespaces/NS/pods/NAME/portforward` to a multiplexed byte stream. What runs
+//! on that stream is the relay's business.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use super::ControlError;
+use super::upgrade::{Protocol, Upgraded, error_message, prepare};
+use crate::relay::TunnelIo;
+
+/// Where to find the cluster: kubectl's global flags.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// `--kubeconfig`; otherwise `KUBECONFIG` (a list, merged), otherwise `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    pub cluster: Option<String>,
+    pub user: Option<String>,
+    /// `-n`; otherwise the context's namespace, otherwise `default`.
+    pub namespace: Option<String>,
+}
+
+/// A client for the cluster and the namespace targets live in.
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: kube::Client,
+    pub namespace: String,
+    pub server: String,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("server", &self.server)
+            .field("namespace", &self.namespace)
+            .finish()
+    }
+}
+
+/// The process-wide TLS provider is ring's: kube builds its rustls config from the default.
+/// Idempotent; call before building a client.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Cluster {
+    pub async fn connect(opts: &ClusterOptions) -> Result<Cluster, ControlError> {
+        install_crypto_provider();
+        let bad = |e: &dyn fmt::Display| ControlError::Kubeconfig(e.to_string());
+        let kubeconfig = match &opts.kubeconfig {
+            Some(p) => Kubeconfig::read_from(p).map_err(|e| {
+                ControlError::Kubeconfig(format!("cannot read {}: {e}", p.display()))
+            })?,
+            None => Kubeconfig::read().map_err(|e| bad(&e))?,
+        };
+        let options = KubeConfigOptions {
+            context: opts.context.clone(),
+            cluster: opts.cluster.clone(),
+            user: opts.user.clone(),
+        };
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+            .await
+            .map_err(|e| bad(&e))?;
+        let namespace = opts
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let server = config.cluster_url.to_string();
+        let client = kube::Client::try_from(config).map_err(|e| bad(&e))?;
+        Ok(Cluster {
+            client,
+            namespace,
+            server,
+        })
+    }
+
+    /// One line for a failed API call, kubectl's way for errors the server sent.
+    fn api_error(&self, e: kube::Error) -> ControlError {
+        match e {
+            kube::Error::Api(s) if !s.message.is_empty() => {
+                let reason = if s.reason.is_empty() {
+                    format!("HTTP {}", s.code)
+                } else {
+                    s.reason.clone()
+                };
+                ControlError::Api(format!("Error from server ({reason}): {}", s.message))
+            }
+            kube::Error::Api(s) => {
+                ControlError::Api(format!("Error from server: HTTP {} {}", s.code, s.reason))
+            }
+            e => ControlError::Api(format!("talking to the API server {}: {e}", self.server)),
+        }
+    }
+
+    async fn get<K>(&self, name: &str) -> Result<K, ControlError>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + k8s_openapi::serde::de::DeserializeOwned
+            + fmt::Debug,
+        K::DynamicType: Default,
+    {
+        Api::<K>::namespaced(self.client.clone(), &self.namespace)
+            .get(name)
+            .await
+            .map_err(|e| self.api_error(e))
+    }
+
+    /// Resolve `target` to one pod, and `ports` to container port numbers on it.
+    pub async fn resolve(
+        &self,
+        target: &Target,
+        ports: &[PortRequest],
+    ) -> Result<Resolved, ControlError> {
+        let (pod, candidates, service) = match target.kind {
+            Kind::Pod => (self.get::<Pod>(&target.name).await?, 1, None),
+            Kind::Service => {
+                let svc: Service = self.get(&target.name).await?;
+                let selector = svc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.selector.clone())
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| {
+                        ControlError::Target(format!(
+                            "service {} has no selector, so no pod to forward to",
+                            target.name
+                        ))
+                    })?;
+                let (pod, n) = self.pick_pod(target, &match_labels(&selector)).await?;
+                (pod, n, Some(svc))
+            }
+            Kind::Deployment => {
+                let d: Deployment = self.get(&target.name).await?;
+                let sel = d.spec.map(|s| s.selector);
+                let (pod, n) = self.pick_pod(target, &selector_string(sel)?).await?;
+                (pod, n, None)
+            }
+            Kind::ReplicaSet => {
+                let rs: ReplicaSet = self.get(&target.name).await?;
+                let sel = rs.spec.map(|s| s.selector);
+                let (pod, n) = self.pick_pod(target, &selector_string(sel)?).await?;
+                (pod, n, None)
+            }
+            Kind::StatefulSet => {
+                let s: StatefulSet = self.get(&target.name).await?;
+                let sel = s.spec.map(|s| s.selector);
+                let (pod, n) = self.pick_pod(target, &selector_string(sel)?).await?;
+                (pod, n, None)
+            }
+        };
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_else(|| "Unknown".into());
+        if phase != "Running" {
+            return Err(ControlError::Target(format!(
+                "pod {}/{name} is not running (phase {phase}): cannot forward to it",
+                self.namespace
+            )));
+        }
+        let ports = ports
+            .iter()
+            .map(|p| translate_port(p, &pod, service.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Resolved {
+            pod: name,
+            ready: pod_ready(&pod),
+            candidates,
+            ports,
+        })
+    }
+
+    /// The pod kubectl would pick among those `selector` matches: the most "active" one
+    /// (assigned, running, ready, ready longest, fewest restarts, oldest).
+    async fn pick_pod(
+        &self,
+        target: &Target,
+        selector: &str,
+    ) -> Result<(Pod, usize), ControlError> {
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
+            .list(&ListParams::default().labels(selector))
+            .await
+            .map_err(|e| self.api_error(e))?;
+        let n = pods.items.len();
+        let pod = pods.items.into_iter().max_by_key(activity).ok_or_else(|| {
+            ControlError::Target(format!(
+                "no pods in namespace {} match {target} (selector {selector})",
+                self.namespace
+            ))
+        })?;
+        Ok((pod, n))
+    }
+
+    /// Upgrade a port-forward request for `pod` to `protocol`. `ports` only matter to
+    /// `websocket`, which fixes them at upgrade.
+    pub async fn upgrade(
+        &self,
+        pod: &str,
+        protocol: Protocol,
+        ports: &[u16],
+    ) -> Result<Upgraded, ControlError> {
+        let mut path = format!(
+            "/api/v1/namespaces/{}/pods/{pod}/portforward",
+            self.namespace
+        );
+        if protocol == Protocol::Websocket {
+            let q: Vec<String> = ports.iter().map(|p| format!("ports={p}")).collect();
+            path.push('?');
+            path.push_str(&q.join("&"));
+        }
+        let (builder, ask) = prepare(protocol, &path);
+        let req = builder
+            .body(kube::client::Body::empty())
+            .map_err(|e| ControlError::Api(format!("building the request for {path}: {e}")))?;
+        let resp = self.client.send(req).await.map_err(|e| self.api_error(e))?;
+        let status = resp.status();
+        if status != http::StatusCode::SWITCHING_PROTOCOLS {
+            let body = match resp.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => Default::default(),
+            };
+            return Err(ControlError::ApiRejected {
+                pod: format!("{}/{pod}", self.namespace),
+                protocol: protocol.name(),
+                status: status.as_u16(),
+                message: error_message(&body),
+            });
+        }
+        let half_close = ask.check(resp.headers())?;
+        let up = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ControlError::Api(format!("upgrading {path}: {e}")))?;
+        let io = TokioIo::new(up);
+        let io: Box<dyn crate::relay::UpstreamIo> = match protocol {
+            Protocol::Tunnel => {
+                let mut seed = [0u8; 8];
+                getrandom::fill(&mut seed).expect("OS randomness");
+                Box::new(TunnelIo::new(io, &[], u64::from_le_bytes(seed)))
+            }
+            _ => Box::new(io),
+        };
+        Ok(Upgraded {
+            io,
+            prefix: Default::default(),
+            half_close,
+        })
+    }
+}
+
+/// Sort key for kubectl's choice among a workload's pods (its `ActivePods` order, reversed):
+/// larger is better.
+fn activity(p: &Pod) -> impl Ord + use<> {
+    use std::cmp::Reverse;
+    let spec_node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+    let status = p.status.clone().unwrap_or_default();
+    let phase = match status.phase.as_deref() {
+        Some("Running") => 2,
+        Some("Unknown") => 1,
+        Some("Pending") => 0,
+        _ => -1,
+    };
+    let ready_cond = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready" && c.status == "True");
+    let ready_since = ready_cond.and_then(|c| c.last_transition_time.clone());
+    let restarts = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .map(|c| c.restart_count)
+        .max()
+        .unwrap_or(0);
+    let created = p.metadata.creation_timestamp.clone();
+    (
+        spec_node.is_some_and(|n| !n.is_empty()),
+        phase,
+        ready_cond.is_some(),
+        ready_since.map(Reverse),
+        Reverse(restarts),
+        created.map(Reverse),
+    )
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn match_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A workload's `LabelSelector` in the query syntax.
+fn selector_string(sel: Option<LabelSelector>) -> Result<String, ControlError> {
+    let sel = sel.unwrap_or_default();
+    let mut parts = Vec::new();
+    if let Some(m) = &sel.match_labels {
+        if !m.is_empty() {
+            parts.push(match_labels(m));
+        }
+    }
+    for e in sel.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            op => {
+                return Err(ControlError::Target(format!(
+                    "unsupported label selector operator {op:?}"
+                )));
+            }
+        });
+    }
+    if parts.is_empty() {
+        return Err(ControlError::Target(
+            "the workload has an empty selector".into(),
+        ));
+    }
+    Ok(parts.join(","))
+}
+
+/// A pod's container port called `name`.
+fn named_container_port(pod: &Pod, name: &str) -> Result<u16, ControlError> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(name))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .ok_or_else(|| {
+            ControlError::Target(format!(
+                "pod {} has no container port named {name:?}",
+                pod.metadata.name.as_deref().unwrap_or_default()
+            ))
+        })
+}
+
+/// kubectl's translation of one `[LOCAL:]REMOTE` to a local and a container port: a named
+/// remote is a container port of the pod, or for a service, a service port whose targetPort
+/// (a number, or a name looked up on the pod) is the container port. Without a local part, the
+/// local port is the service port (for a service) or the container port.
+fn translate_port(
+    req: &PortRequest,
+    pod: &Pod,
+    svc: Option<&Service>,
+) -> Result<super::forward::PortSpec, ControlError> {
+    let (remote, same_local) = match svc {
+        None => {
+            let remote = match &req.remote {
+                RemotePort::Number(n) => *n,
+                RemotePort::Name(name) => named_container_port(pod, name)?,
+            };
+            (remote, remote)
+        }
+        Some(svc) => {
+            let svc_name = svc.metadata.name.as_deref().unwrap_or_default();
+            let ports = svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.ports.clone())
+                .unwrap_or_default();
+            let sp = ports
+                .iter()
+                .find(|p| match &req.remote {
+                    RemotePort::Number(n) => p.port == i32::from(*n),
+                    RemotePort::Name(name) => p.name.as_deref() == Some(name),
+                })
+                .ok_or_else(|| {
+                    ControlError::Target(format!("service {svc_name} has no port {}", req.remote))
+                })?;
+            let svc_port = u16::try_from(sp.port).unwrap_or_default();
+            let remote = match &sp.target_port {
+                None | Some(IntOrString::Int(0)) => svc_port,
+                Some(IntOrString::Int(n)) => u16::try_from(*n).map_err(|_| {
+                    ControlError::Target(format!("service {svc_name}: bad targetPort {n}"))
+                })?,
+                Some(IntOrString::String(name)) => named_container_port(pod, name)?,
+            };
+            (remote, svc_port)
+        }
+    };
+    let local = match req.local {
+        LocalPort::Same => same_local,
+        LocalPort::Any => 0,
+        LocalPort::Port(p) => p,
+    };
+    Ok(super::forward::PortSpec { local, remote })
+}
+
+/// The resource kinds a target can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Pod,
+    Service,
+    Deployment,
+    ReplicaSet,
+    StatefulSet,
+}
+
+/// `TYPE/NAME` or `NAME` (a pod), as kubectl takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub kind: Kind,
+    pub name: String,
+}
+
+impl FromStr for Target {
+    type Err = ControlError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: String| ControlError::Target(format!("invalid target {s:?}: {reason}"));
+        let (ty, name) = match s.split_once('/') {
+            Some((ty, name)) => (ty, name),
+            None => ("pod", s),
+        };
+        if name.is_empty() || name.contains('/') {
+            return Err(bad("expected TYPE/NAME or a pod name".into()));
+        }
+        let ty = ty.to_ascii_lowercase();
+        let kind = match ty.strip_suffix(".apps").unwrap_or(&ty) {
+            "po" | "pod" | "pods" => Kind::Pod,
+            "svc" | "service" | "services" => Kind::Service,
+            "deploy" | "deployment" | "deployments" => Kind::Deployment,
+            "rs" | "replicaset" | "replicasets" => Kind::ReplicaSet,
+            "sts" | "statefulset" | "statefulsets" => Kind::StatefulSet,
+            other => {
+                return Err(bad(format!(
+                    "unsupported type {other:?}; use pod/, svc/, deploy/, rs/ or sts/"
+                )));
+            }
+        };
+        Ok(Target {
+            kind,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ty = match self.kind {
+            Kind::Pod => "pod",
+            Kind::Service => "svc",
+            Kind::Deployment => "deploy",
+            Kind::ReplicaSet => "rs",
+            Kind::StatefulSet => "sts",
+        };
+        write!(f, "{ty}/{}", self.name)
+    }
+}
+
+/// The local side of a port request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalPort {
+    /// `8080`: the same number as the (translated) remote port.
+    Same,
+    /// `:8080`: any free port.
+    Any,
+    Port(u16),
+}
+
+/// The remote side: a number, or a port name (`http`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemotePort {
+    Number(u16),
+    Name(String),
+}
+
+impl fmt::Display for RemotePort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RemotePort::Number(n) => write!(f, "{n}"),
+            RemotePort::Name(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// `[LOCAL:]REMOTE` where REMOTE may be a port name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRequest {
+    pub local: LocalPort,
+    pub remote: RemotePort,
+}
+
+impl FromStr for PortRequest {
+    type Err = ControlError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: String| ControlError::BadPortSpec {
+            spec: s.to_string(),
+            reason,
+        };
+        let number = |p: &str, what: &str| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(bad(format!(
+                "{what} port {p:?} is not a number between 1 and 65535"
+            ))),
+            Ok(n) => Ok(n),
+        };
+        let (local, remote) = match s.split_once(':') {
+            None => (LocalPort::Same, s),
+            Some(("", r)) => (LocalPort::Any, r),
+            Some((l, r)) => (LocalPort::Port(number(l, "local")?), r),
+        };
+        let remote = if remote.bytes().all(|b| b.is_ascii_digit()) && !remote.is_empty() {
+            RemotePort::Number(number(remote, "remote")?)
+        } else if is_port_name(remote) {
+            RemotePort::Name(remote.to_string())
+        } else {
+            return Err(bad(format!(
+                "remote port {remote:?} is neither a number between 1 and 65535 nor a port name"
+            )));
+        };
+        Ok(PortRequest { local, remote })
+    }
+}
+
+/// An IANA_SVC_NAME: 1-15 lower-case letters, digits and inner dashes, at least one letter.
+fn is_port_name(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+/// A target resolved to a pod.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub pod: String,
+    pub ready: bool,
+    /// How many pods the target matched.
+    pub candidates: usize,
+    /// Local and container ports, in the order requested.
+    pub ports: Vec<super::forward::PortSpec>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        Container, ContainerPort, ContainerStatus, PodCondition, PodSpec, PodStatus, ServicePort,
+        ServiceSpec,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn t(s: &str) -> Time {
+        Time(s.parse().unwrap())
+    }
+
+    fn pod(
+        name: &str,
+        phase: &str,
+        ready_since: Option<&str>,
+        restarts: i32,
+        created: &str,
+    ) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                creation_timestamp: Some(t(created)),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("node".into()),
+                containers: vec![Container {
+                    name: "c".into(),
+                    ports: Some(vec![
+                        ContainerPort {
+                            name: Some("http".into()),
+                            container_port: 8080,
+                            ..Default::default()
+                        },
+                        ContainerPort {
+                            name: Some("metrics".into()),
+                            container_port: 9090,
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                conditions: ready_since.map(|s| {
+                    vec![PodCondition {
+                        type_: "Ready".into(),
+                        status: "True".into(),
+                        last_transition_time: Some(t(s)),
+                        ..Default::default()
+                    }]
+                }),
+                container_statuses: Some(vec![ContainerStatus {
+                    restart_count: restarts,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn best(pods: Vec<Pod>) -> String {
+        pods.into_iter()
+            .max_by_key(activity)
+            .unwrap()
+            .metadata
+            .name
+            .unwrap()
+    }
+
+    #[test]
+    fn picks_like_kubectl() {
+        let old = "2026-01-01T00:00:00Z";
+        let new = "2026-06-01T00:00:00Z";
+        // Running beats pending, ready beats not ready.
+        assert_eq!(
+            best(vec![
+                pod("pending", "Pending", None, 0, old),
+                pod("running", "Running", None, 0, new),
+            ]),
+            "running"
+        );
+        assert_eq!(
+            best(vec![
+                pod("unready", "Running", None, 0, old),
+                pod("ready", "Running", Some(new), 0, new),
+            ]),
+            "ready"
+        );
+        // Ready longer wins; then fewer restarts; then older.
+        assert_eq!(
+            best(vec![
+                pod("recent", "Running", Some(new), 0, old),
+                pod("long", "Running", Some(old), 0, new),
+            ]),
+            "long"
+        );
+        assert_eq!(
+            best(vec![
+                pod("flappy", "Running", Some(old), 5, old),
+                pod("steady", "Running", Some(old), 0, new),
+            ]),
+            "steady"
+        );
+        assert_eq!(
+            best(vec![
+                pod("young", "Running", Some(old), 0, new),
+                pod("elder", "Running", Some(old), 0, old),
+            ]),
+            "elder"
+        );
+    }
+
+    #[test]
+    fn targets_parse_like_kubectl() {
+        let p = |s: &str| s.parse::<Target>().map(|t| (t.kind, t.name));
+        assert_eq!(p("web").unwrap(), (Kind::Pod, "web".into()));
+        assert_eq!(p("pod/web").unwrap(), (Kind::Pod, "web".into()));
+        assert_eq!(p("svc/db").unwrap(), (Kind::Service, "db".into()));
+        assert_eq!(p("services/db").unwrap(), (Kind::Service, "db".into()));
+        assert_eq!(p("deploy/api").unwrap(), (Kind::Deployment, "api".into()));
+        assert_eq!(
+            p("deployment.apps/api").unwrap(),
+            (Kind::Deployment, "api".into())
+        );
+        assert_eq!(p("rs/api-1").unwrap(), (Kind::ReplicaSet, "api-1".into()));
+        assert_eq!(p("sts/pg").unwrap(), (Kind::StatefulSet, "pg".into()));
+        assert!(
+            p("job/x")
+                .unwrap_err()
+                .to_string()
+                .contains("unsupported type")
+        );
+        assert!(p("svc/").is_err());
+    }
+
+    #[test]
+    fn port_requests_parse() {
+        let p = |s: &str| s.parse::<PortRequest>();
+        assert_eq!(
+            p("8080").unwrap(),
+            PortRequest {
+                local: LocalPort::Same,
+                remote: RemotePort::Number(8080)
+            }
+        );
+        assert_eq!(
+            p(":http").unwrap(),
+            PortRequest {
+                local: LocalPort::Any,
+                remote: RemotePort::Name("http".into())
+            }
+        );
+        assert_eq!(
+            p("5432:postgres").unwrap(),
+            PortRequest {
+                local: LocalPort::Port(5432),
+                remote: RemotePort::Name("postgres".into())
+            }
+        );
+        for bad in ["0", "70000", "x:80", "8080:", "8080:HTTP", "a:b:c", "-http"] {
+            assert!(p(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    fn svc(ports: Vec<(Option<&str>, i32, Option<IntOrString>)>) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                ports: Some(
+                    ports
+                        .into_iter()
+                        .map(|(name, port, target_port)| ServicePort {
+                            name: name.map(Into::into),
+                            port,
+                            target_port,
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ports_translate_like_kubectl() {
+        let pod = pod("p", "Running", None, 0, "2026-01-01T00:00:00Z");
+        let tr = |spec: &str, svc: Option<&Service>| {
+            translate_port(&spec.parse().unwrap(), &pod, svc).map(|p| (p.local, p.remote))
+        };
+        // Pods: names are container ports; no local part means the same number.
+        assert_eq!(tr("http", None).unwrap(), (8080, 8080));
+        assert_eq!(tr("9000:metrics", None).unwrap(), (9000, 9090));
+        assert_eq!(tr(":http", None).unwrap(), (0, 8080));
+        assert!(tr("grpc", None).unwrap_err().to_string().contains("grpc"));
+        // Services: the service port maps to its targetPort; a named targetPort is looked
+        // up on the pod; no local part means the service port.
+        let s = svc(vec![
+            (Some("http"), 80, Some(IntOrString::String("http".into()))),
+            (Some("admin"), 81, Some(IntOrString::Int(9090))),
+            (Some("plain"), 82, None),
+        ]);
+        assert_eq!(tr("80", Some(&s)).unwrap(), (80, 8080));
+        assert_eq!(tr("8000:http", Some(&s)).unwrap(), (8000, 8080));
+        assert_eq!(tr("http", Some(&s)).unwrap(), (80, 8080));
+        assert_eq!(tr(":admin", Some(&s)).unwrap(), (0, 9090));
+        assert_eq!(tr("82", Some(&s)).unwrap(), (82, 82));
+        assert!(
+            tr("8080", Some(&s))
+                .unwrap_err()
+                .to_string()
+                .contains("no port 8080")
+        );
+    }
+
+    #[test]
+    fn selectors_render_in_query_syntax() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+        let sel = LabelSelector {
+            match_labels: Some(BTreeMap::from([
+                ("app".to_string(), "web".to_string()),
+                ("tier".to_string(), "fe".to_string()),
+            ])),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "env".into(),
+                operator: "In".into(),
+                values: Some(vec!["a".into(), "b".into()]),
+            }]),
+        };
+        assert_eq!(
+            selector_string(Some(sel)).unwrap(),
+            "app=web,tier=fe,env in (a,b)"
+        );
+        assert!(selector_string(None).is_err());
+    }
+}
