@@ -105,7 +105,11 @@ impl Cluster {
             kube::Error::Api(s) => {
                 ControlError::Api(format!("Error from server: HTTP {} {}", s.code, s.reason))
             }
-            e => ControlError::Api(format!("talking to the API server {}: {e}", self.server)),
+            e => ControlError::Api(format!(
+                "cannot reach the API server {}: {}",
+                self.server,
+                error_chain(&e)
+            )),
         }
     }
 
@@ -265,6 +269,24 @@ impl Cluster {
             half_close,
         })
     }
+}
+
+/// An error and its causes on one line (`client error (Connect): tcp connect error: ...`),
+/// without the wrapper names (`ServiceError:`) that say nothing to a user.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cur = c.source();
+    }
+    if parts.is_empty() {
+        parts.push(e.to_string());
+    }
+    parts.join(": ")
 }
 
 /// Sort key for kubectl's choice among a workload's pods (its `ActivePods` order, reversed):

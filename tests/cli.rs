@@ -1,0 +1,130 @@
+//! The command line on bad input: every mistake is one `error: ...` line on stderr naming the
+//! problem, and a non-zero exit. Runs the real binaries against real peers on port 0.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::{Command, Output};
+
+use ringfwd::relay::SessionOptions;
+
+fn ringfwd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ringfwd"))
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run ringfwd")
+}
+
+/// Asserts a failed run whose stderr is one line starting `error: ` and containing every
+/// fragment of `want`.
+fn assert_one_line_error(out: &Output, want: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit 0; stderr {err:?}");
+    let lines: Vec<&str> = err.trim().lines().collect();
+    assert_eq!(lines.len(), 1, "want one line, got {err:?}");
+    assert!(lines[0].starts_with("error: "), "{err:?}");
+    for w in want {
+        assert!(lines[0].contains(w), "{err:?} does not mention {w:?}");
+    }
+}
+
+/// A `ringfwd serve` on loopback for as long as the returned runtime lives.
+fn serve() -> (tokio::runtime::Runtime, String) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = rt.block_on(async {
+        let (l, url) = ringfwd::serve::bind((Ipv4Addr::LOCALHOST, 0).into())
+            .await
+            .unwrap();
+        tokio::spawn(ringfwd::serve::serve(
+            l,
+            ringfwd::serve::Dialer::Local,
+            SessionOptions::default(),
+        ));
+        url
+    });
+    (rt, url)
+}
+
+#[test]
+fn malformed_port_spec() {
+    for spec in ["80x", "0", "70000", "x:80", "1:2:3"] {
+        let out = ringfwd(&["forward", "--url", "http://127.0.0.1:1/", spec]);
+        assert_one_line_error(&out, &["invalid port spec", spec]);
+    }
+    let out = ringfwd(&["svc/web", "8080:NotAName"]);
+    assert_one_line_error(&out, &["invalid port spec", "NotAName"]);
+}
+
+#[test]
+fn unknown_target_type() {
+    let out = ringfwd(&["job/x", "80"]);
+    assert_one_line_error(&out, &["job/x", "unsupported type"]);
+}
+
+#[test]
+fn local_port_in_use() {
+    let (_rt, url) = serve();
+    let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let spec = format!("{port}:80");
+    let out = ringfwd(&["forward", "--address", "127.0.0.1", "--url", &url, &spec]);
+    assert_one_line_error(
+        &out,
+        &[&format!("cannot listen on 127.0.0.1:{port}"), "in use"],
+    );
+}
+
+#[test]
+fn unreachable_stream_server() {
+    let closed = {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{closed}/portforward");
+    let out = ringfwd(&["forward", "--url", &url, ":80"]);
+    assert_one_line_error(&out, &["cannot connect", &format!("127.0.0.1:{closed}")]);
+}
+
+#[test]
+fn unreachable_runtime_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ep = format!("unix://{}/nothing.sock", dir.path().display());
+    let out = ringfwd(&["forward", "--runtime-endpoint", &ep, "sandbox", ":80"]);
+    assert_one_line_error(&out, &["nothing.sock"]);
+}
+
+#[test]
+fn missing_kubeconfig() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent");
+    let out = ringfwd(&["--kubeconfig", path.to_str().unwrap(), "pod/x", "80"]);
+    assert_one_line_error(&out, &["kubeconfig", "absent"]);
+}
+
+#[test]
+fn completions_name_the_commands() {
+    let out = ringfwd(&["completion", "bash"]);
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    for w in ["ringfwd", "--kubeconfig", "--namespace", "forward", "bench"] {
+        assert!(script.contains(w), "bash completion lacks {w}");
+    }
+}
+
+#[test]
+fn plugin_binary_speaks_as_kubectl_ringfwd() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-ringfwd"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("Usage: kubectl ringfwd TYPE/NAME"),
+        "plugin help: {help}"
+    );
+    assert!(help.contains("kubectl ringfwd svc/myservice 8080:http"));
+}
