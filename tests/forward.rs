@@ -618,6 +618,7 @@ fn main() {
             trials.extend(scenarios(&env));
             trials.push(cli_unknown_sandbox(&c));
             trials.push(bench_through_containerd(&c, &sb));
+            trials.push(hold_sandbox_for_manual_use(&c, &sb));
             Some((c, sb))
         }
         Err(reason) => {
@@ -695,6 +696,39 @@ fn bench_through_containerd(
     Trial::test("containerd::bench::spdy_1gib", move || {
         let report = ringfwd::bench::measure(&args)?;
         println!("{report}");
+        Ok(())
+    })
+    .with_ignored_flag(true)
+}
+
+/// For trying `ringfwd forward` by hand against a real pod (opt-in):
+/// `cargo test --test forward -- --ignored --nocapture containerd::manual::hold_sandbox`
+/// prints the runtime endpoint, the sandbox id and an echo port inside the pod, then keeps
+/// them until stdin ends (press Enter or Ctrl-D).
+fn hold_sandbox_for_manual_use(
+    c: &support::containerd::Containerd,
+    sb: &support::containerd::Sandbox,
+) -> Trial {
+    let (ep, sandbox, netns) = (c.endpoint(), sb.id.clone(), sb.netns.clone());
+    Trial::test("containerd::manual::hold_sandbox", move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let l = rt.block_on(async {
+            let l = ringfwd::serve::listen_in_netns(&netns)?;
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)
+        })?;
+        let port = l.local_addr()?.port();
+        rt.spawn(echo(l));
+        println!(
+            "\ncontainerd is up. In another shell:\n  ringfwd forward --runtime-endpoint {ep} {sandbox} :{port}\n\
+             and talk to the printed local port (an echo server in the pod).\n\
+             Press Enter here to tear down."
+        );
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
         Ok(())
     })
     .with_ignored_flag(true)
