@@ -128,10 +128,11 @@ impl Forwarder {
         });
         if fwd.protocol().multiplexed() {
             fwd.session_for(fwd.remote_ports[0]).await?;
-        } else {
-            // Each WebSocket connection gets its own session; prove one upgrade works.
-            let up = fwd.upgrade(&fwd.remote_ports).await?;
-            drop(up);
+        } else if !matches!(fwd.cfg.upstream, Upstream::Api { .. }) {
+            // Each WebSocket connection gets its own session, and an upgrade already dials the
+            // target: only check that the runtime answers. (The API server was asked for the
+            // pod when the target was resolved.)
+            fwd.url(&fwd.remote_ports).await?;
         }
         Ok(fwd)
     }
