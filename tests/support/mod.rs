@@ -3,11 +3,17 @@
 //! Layout:
 //! - `containerd`: a private, real containerd with real pod sandboxes, for forwarding through
 //!   containerd's CRI stream server; plus `listen_in_netns` to put a target server in a pod.
+//! - `procs`: port-forward clients (kubectl, ringfwd) as killed-on-drop processes; echo targets.
+//! - `apiserver`: a small fake Kubernetes API server (HTTPS, auth, discovery, objects, watch)
+//!   that real kubectl accepts, proxying `pods/portforward` (SPDY and the KEP-4006 WebSocket
+//!   tunnel) to a CRI stream server or a `ringfwd serve`.
 //!
 //! Each test binary uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code, unused_imports)]
 
+pub mod apiserver;
 pub mod containerd;
+pub mod procs;
 
 use std::io::Write;
 
