@@ -161,7 +161,7 @@ impl Forwarder {
             Err(e @ (ControlError::ApiRejected { .. } | ControlError::Rejected { .. }))
                 if protocol == Protocol::Tunnel && self.cfg.fallback_to_spdy =>
             {
-                tracing::info!("{e}; falling back to SPDY/3.1");
+                tracing::debug!("{e}; falling back to SPDY/3.1");
                 let up = self.upgrade_with(Protocol::Spdy, ports).await?;
                 *self.protocol.lock().expect("protocol lock") = Protocol::Spdy;
                 Ok((up, Protocol::Spdy))

@@ -75,21 +75,31 @@ pub fn echo_roundtrip(port: u16, len: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// A running `kubectl port-forward`, killed on drop.
+/// A running port-forward client (`kubectl port-forward ...` or `ringfwd ...`), killed on drop.
 pub struct PortForward {
     pub child: Child,
-    /// Local port kubectl listens on.
+    /// Local port of the first `Forwarding from` line.
     pub local: u16,
     /// Remote port it forwards to.
     pub remote: u16,
+    /// Every `(local, remote)` printed before `start` returned.
+    forwarded: Vec<(u16, u16)>,
+    stdout: Arc<Mutex<String>>,
+    /// Closed when the client's stdout closes (it exited).
+    stdout_open: mpsc::Receiver<String>,
     stderr: Arc<Mutex<String>>,
     stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl PortForward {
-    /// Spawns `cmd` (a `kubectl port-forward ...`) and waits for its `Forwarding from
-    /// 127.0.0.1:L -> R` line. `Err` carries kubectl's stderr when it exited instead.
-    pub fn start(mut cmd: Command) -> Result<PortForward, String> {
+    /// Spawns `cmd` and waits for its `Forwarding from 127.0.0.1:L -> R` line. `Err` carries
+    /// the client's stderr when it exited instead.
+    pub fn start(cmd: Command) -> Result<PortForward, String> {
+        PortForward::start_ports(cmd, 1)
+    }
+
+    /// Like [`start`](Self::start), waiting for `ports` Forwarding lines.
+    pub fn start_ports(mut cmd: Command, ports: usize) -> Result<PortForward, String> {
         cmd.arg("--address").arg("127.0.0.1");
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let tool = std::path::Path::new(cmd.get_program())
@@ -109,27 +119,42 @@ impl PortForward {
             }
         });
         let (tx, rx) = mpsc::channel();
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let out_sink = stdout.clone();
         let out = BufReader::new(child.stdout.take().unwrap());
+        let name = tool.clone();
         std::thread::spawn(move || {
             // Keep draining after the Forwarding line: kubectl dies of SIGPIPE if its stdout
             // closes ("Handling connection for ..." per connection).
             for line in out.lines() {
                 let Ok(line) = line else { break };
-                eprintln!("{tool}: {line}");
+                eprintln!("{name}: {line}");
+                {
+                    let mut sink = out_sink.lock().unwrap();
+                    sink.push_str(&line);
+                    sink.push('\n');
+                }
                 let _ = tx.send(line);
             }
         });
+        let mut forwarded = Vec::new();
         loop {
             match rx.recv_timeout(KUBECTL_READY) {
                 Ok(line) => {
-                    if let Some((local, remote)) = parse_forwarding(&line) {
-                        return Ok(PortForward {
-                            child,
-                            local,
-                            remote,
-                            stderr,
-                            stderr_reader: Some(err_reader),
-                        });
+                    if let Some(pair) = parse_forwarding(&line) {
+                        forwarded.push(pair);
+                        if forwarded.len() == ports {
+                            return Ok(PortForward {
+                                child,
+                                local: forwarded[0].0,
+                                remote: forwarded[0].1,
+                                forwarded,
+                                stdout,
+                                stdout_open: rx,
+                                stderr,
+                                stderr_reader: Some(err_reader),
+                            });
+                        }
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -141,10 +166,39 @@ impl PortForward {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!("kubectl printed no Forwarding line in time");
+                    panic!("{tool} printed no Forwarding line in time");
                 }
             }
         }
+    }
+
+    /// Every `(local, remote)` pair printed at start.
+    pub fn forwarded(&self) -> Vec<(u16, u16)> {
+        self.forwarded.clone()
+    }
+
+    /// Everything the client printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits up to `timeout` for the client to exit on its own (its stdout closes); returns its
+    /// status, or `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stdout_open.recv_timeout(left) {
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) => return None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let status = self.child.wait().ok();
+        if let Some(r) = self.stderr_reader.take() {
+            let _ = r.join();
+        }
+        status
     }
 
     pub fn stderr(&self) -> String {
@@ -156,7 +210,7 @@ impl PortForward {
         if let Err(e) = echo_roundtrip(self.local, len) {
             let status = self.child.try_wait();
             self.stop();
-            panic!("{e}; kubectl ({status:?}) stderr:\n{}", self.stderr());
+            panic!("{e}; client ({status:?}) stderr:\n{}", self.stderr());
         }
     }
 
