@@ -603,7 +603,37 @@ fn trials(pod: Option<Arc<Pod>>) -> Vec<Trial> {
         )
         .with_ignored_flag(pod_missing(&pod)),
     );
+    out.push(
+        Trial::test("manual::hold_api_server", move || match pod {
+            Some(p) => hold_api_server(&p),
+            None => Ok(()),
+        })
+        .with_ignored_flag(true),
+    );
     out
+}
+
+/// For trying ringfwd and kubectl by hand (opt-in):
+/// `cargo test --test kubectl -- --ignored --nocapture manual::hold_api_server`
+/// starts the test API server in front of the containerd pod, prints a kubeconfig and the
+/// commands to try, and keeps everything up until stdin ends (Enter or Ctrl-D).
+fn hold_api_server(pod: &Pod) -> Result<(), Failed> {
+    let api = pod.api(ApiOptions::default());
+    let kc = api.kubeconfig(Auth::Token);
+    println!(
+        "\nAPI server {} in front of pod web (echo :{}, source :{}, sink :{}). Try:\n  \
+         ringfwd --kubeconfig {k} svc/web 8080:http\n  \
+         kubectl --kubeconfig {k} port-forward svc/web 8081:http\n\
+         Press Enter here to tear down.",
+        api.url(),
+        pod.echo,
+        pod.source,
+        pod.sink,
+        k = kc.display()
+    );
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(())
 }
 
 fn pod_missing(pod: &Option<Arc<Pod>>) -> bool {
