@@ -38,6 +38,10 @@ pub struct TunnelIo<IO> {
     out: BytesMut,
     wire_eof: bool,
     close_sent: bool,
+    /// The writing task is waiting for the socket to take [`Self::out`]. The reading task must
+    /// not poll the socket for writing then: a tokio socket remembers one write waker, and the
+    /// reader's would replace the writer's, stalling it. It hands its pongs to the writer.
+    writer_waiting: Option<std::task::Waker>,
 }
 
 impl<IO> TunnelIo<IO> {
@@ -53,6 +57,7 @@ impl<IO> TunnelIo<IO> {
             out: BytesMut::with_capacity(MAX_TUNNEL_MESSAGE + HEADROOM),
             wire_eof: false,
             close_sent: false,
+            writer_waiting: None,
         }
     }
 
@@ -79,6 +84,28 @@ impl<IO: AsyncWrite + Unpin> TunnelIo<IO> {
         }
         Poll::Ready(Ok(()))
     }
+
+    /// [`poll_drain`](Self::poll_drain) for the writing side: remembers when it waits.
+    fn poll_drain_writer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = self.poll_drain(cx);
+        self.writer_waiting = r.is_pending().then(|| cx.waker().clone());
+        r
+    }
+
+    /// From the reading side: get queued control frames going without stealing the writer's
+    /// wake-up. If the writer waits on the socket, it sends them with its own bytes.
+    fn push_control(&mut self, cx: &mut Context<'_>) {
+        if self.out.is_empty() {
+            return;
+        }
+        match &self.writer_waiting {
+            Some(w) => w.wake_by_ref(),
+            // Best effort; whatever is left goes out with the next write.
+            None => {
+                let _ = self.poll_drain(cx);
+            }
+        }
+    }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TunnelIo<IO> {
@@ -97,7 +124,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TunnelIo<IO> {
             }
             if this.ws.peer_close().is_some() || this.wire_eof {
                 // End of the SPDY stream. A close reply still queued goes out if it can.
-                let _ = this.poll_drain(cx);
+                this.push_control(cx);
                 return Poll::Ready(Ok(()));
             }
             this.wire.reserve(WIRE_READ);
@@ -117,10 +144,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TunnelIo<IO> {
                 .decode(&mut this.wire, &mut this.plain)
                 .map_err(invalid)?;
             this.queue_control();
-            if !this.out.is_empty() {
-                // Pongs and close replies: best effort now, the next write finishes them.
-                let _ = this.poll_drain(cx);
-            }
+            // Pongs and close replies.
+            this.push_control(cx);
         }
     }
 }
@@ -140,7 +165,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TunnelIo<IO> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
+        ready!(this.poll_drain_writer(cx))?;
         if this.close_sent {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
@@ -171,7 +196,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TunnelIo<IO> {
         this.out.advance(start);
         this.queue_control();
         // Accepted: the bytes are ours now. Start sending; the next call finishes.
-        let _ = this.poll_drain(cx)?;
+        let _ = this.poll_drain_writer(cx)?;
         Poll::Ready(Ok(total))
     }
 
@@ -181,20 +206,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TunnelIo<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
+        ready!(this.poll_drain_writer(cx))?;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
+        ready!(this.poll_drain_writer(cx))?;
         if !this.close_sent {
             this.close_sent = true;
             // Fails only if the server closed first; its close was answered already.
             if this.ws.close(CLOSE_NORMAL, "").is_ok() {
                 this.queue_control();
             }
-            ready!(this.poll_drain(cx))?;
+            ready!(this.poll_drain_writer(cx))?;
         }
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
@@ -301,5 +326,55 @@ mod tests {
             "{got:?}"
         );
         assert!(matches!(&got[1], Message::Close(_)), "{got:?}");
+    }
+
+    /// A ping that arrives while the writer waits for a full socket: the pong must not take
+    /// the writer's wake-up (a socket remembers one write waker), or the upload stalls.
+    #[tokio::test(flavor = "current_thread")]
+    async fn pong_while_the_writer_is_blocked_does_not_stall_it() {
+        let (client, mut server) = duplex(64 * 1024);
+        let (mut rd, mut wr) = tokio::io::split(TunnelIo::new(client, &[], 3));
+        let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let want = data.clone();
+        let writer = tokio::spawn(async move {
+            wr.write_all(&data).await.unwrap();
+            wr.shutdown().await.unwrap();
+        });
+        // One scheduler turn: on this runtime the writer runs until the pipe is full.
+        tokio::task::yield_now().await;
+        assert!(!writer.is_finished());
+        let mut srv = WsCodec::new(Role::Server, 0);
+        srv.send(Opcode::Ping, b"are you there").unwrap();
+        while let Some(b) = srv.poll_transmit() {
+            server.write_all(&b).await.unwrap();
+        }
+        let reader = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = rd.read_to_end(&mut sink).await;
+        });
+        tokio::task::yield_now().await;
+        let got = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            let (mut data, mut pong, mut wire) = (Vec::new(), false, BytesMut::new());
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                while let Some(m) = srv.read(&mut wire).unwrap() {
+                    match m {
+                        Message::Binary(b) => data.extend_from_slice(&b),
+                        Message::Pong(_) => pong = true,
+                        Message::Close(_) => return (data, pong),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                let n = server.read(&mut buf).await.unwrap();
+                assert!(n > 0, "client went away");
+                wire.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .expect("the writer stalled after the pong");
+        writer.await.unwrap();
+        reader.abort();
+        assert!(got.1, "no pong");
+        assert!(got.0 == want, "data changed");
     }
 }
