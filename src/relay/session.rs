@@ -493,6 +493,10 @@ impl Session {
                 return Ok(());
             }
             write_all_frames(&mut wr, &batch).await?;
+            // A TLS stream or the WebSocket tunnel may accept a write into its own buffer and
+            // send the tail later; nothing else would push that tail out while this task waits
+            // for the next frame, so a last batch (the end of an upload, a PING) could sit there.
+            wr.flush().await?;
             batch.clear();
         }
     }
@@ -579,4 +583,44 @@ async fn write_all_frames<W: AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::portforward::SpdyPortForward;
+    use tokio::io::{BufWriter, duplex};
+
+    /// The writer must flush: over a stream that holds written bytes until flushed (TLS, the
+    /// WebSocket tunnel, here a `BufWriter`), a small last batch would otherwise never leave.
+    #[tokio::test]
+    async fn small_frames_leave_a_buffering_stream() {
+        let (client, server) = duplex(1 << 20);
+        let opts = SessionOptions::default();
+        let (client, _) = Session::start(
+            BufWriter::with_capacity(64 * 1024, client),
+            Bytes::new(),
+            Box::new(SpdyPortForward::client()),
+            opts.clone(),
+        );
+        let (_server, mut incoming) = Session::start(
+            server,
+            Bytes::new(),
+            Box::new(SpdyPortForward::server()),
+            opts,
+        );
+        let (conn, _inbound) = client.open(8080).unwrap();
+        let mut payload = BytesMut::zeroed(HEADROOM);
+        payload.extend_from_slice(b"hello");
+        client.send_data(conn, &mut payload).await.unwrap();
+        let mut got = tokio::time::timeout(Duration::from_secs(5), incoming.recv())
+            .await
+            .expect("the stream request never left the client")
+            .expect("server session ended");
+        assert_eq!(got.port, 8080);
+        let data = tokio::time::timeout(Duration::from_secs(5), got.inbound.recv())
+            .await
+            .expect("the data never left the client");
+        assert!(matches!(data, Some(Inbound::Data(b)) if &b[..] == b"hello"));
+    }
 }
