@@ -42,6 +42,9 @@ pub struct TunnelIo<IO> {
     /// not poll the socket for writing then: a tokio socket remembers one write waker, and the
     /// reader's would replace the writer's, stalling it. It hands its pongs to the writer.
     writer_waiting: Option<std::task::Waker>,
+    /// The reading task queued control frames it could not send yet and the writer was idle:
+    /// the reader finishes them when the socket wakes it.
+    control_pending: bool,
 }
 
 impl<IO> TunnelIo<IO> {
@@ -58,6 +61,7 @@ impl<IO> TunnelIo<IO> {
             wire_eof: false,
             close_sent: false,
             writer_waiting: None,
+            control_pending: false,
         }
     }
 
@@ -95,14 +99,16 @@ impl<IO: AsyncWrite + Unpin> TunnelIo<IO> {
     /// From the reading side: get queued control frames going without stealing the writer's
     /// wake-up. If the writer waits on the socket, it sends them with its own bytes.
     fn push_control(&mut self, cx: &mut Context<'_>) {
+        self.control_pending = false;
         if self.out.is_empty() {
             return;
         }
         match &self.writer_waiting {
             Some(w) => w.wake_by_ref(),
-            // Best effort; whatever is left goes out with the next write.
+            // The socket wakes this task when it takes more; an error shows on the next write.
             None => {
                 let _ = self.poll_drain(cx);
+                self.control_pending = !self.out.is_empty();
             }
         }
     }
@@ -115,6 +121,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TunnelIo<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.control_pending {
+            this.push_control(cx);
+        }
         loop {
             if !this.plain.is_empty() {
                 let n = this.plain.len().min(buf.remaining());
@@ -376,5 +385,50 @@ mod tests {
         reader.abort();
         assert!(got.1, "no pong");
         assert!(got.0 == want, "data changed");
+    }
+
+    /// A ping that arrives while the writer is idle and the socket is full: the reader sends
+    /// the pong itself once the socket takes bytes again, without waiting for a write.
+    #[tokio::test]
+    async fn pong_goes_out_when_the_socket_drains_with_the_writer_idle() {
+        const PIPE: usize = 4096;
+        let (client, mut server) = duplex(PIPE);
+        let (mut rd, mut wr) = tokio::io::split(TunnelIo::new(client, &[], 5));
+        // One message of exactly the pipe's size (8 bytes of header with the mask): the pipe
+        // is full and the writer is idle.
+        let payload = vec![7u8; PIPE - 8];
+        wr.write_all(&payload).await.unwrap();
+        wr.flush().await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = rd.read_to_end(&mut sink).await;
+        });
+        let mut srv = WsCodec::new(Role::Server, 0);
+        srv.send(Opcode::Ping, b"still there?").unwrap();
+        while let Some(b) = srv.poll_transmit() {
+            server.write_all(&b).await.unwrap();
+        }
+        // On this single-threaded runtime the reader now reads the ping and finds no room for
+        // the pong; only then does the server start reading.
+        tokio::task::yield_now().await;
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let (mut msgs, mut wire) = (Vec::new(), BytesMut::new());
+            let mut buf = vec![0u8; PIPE];
+            loop {
+                while let Some(m) = srv.read(&mut wire).unwrap() {
+                    if matches!(m, Message::Pong(_)) {
+                        return msgs;
+                    }
+                    msgs.push(m);
+                }
+                let n = server.read(&mut buf).await.unwrap();
+                assert!(n > 0, "client went away");
+                wire.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .expect("the pong never left while the writer was idle");
+        reader.abort();
+        assert!(matches!(&got[..], [Message::Binary(b)] if b[..] == payload[..]));
     }
 }
