@@ -385,6 +385,53 @@ fn credentials(tool: Tool, pod: &Pod) -> Result<(), Failed> {
     Ok(())
 }
 
+/// The `oidc` auth provider: a valid ID token is used as it is; an expired one is refreshed at
+/// the issuer first. kubectl trusts the issuer through the kubeconfig's
+/// `idp-certificate-authority-data`; kube ignores that field and trusts the system roots, so
+/// ringfwd is given the CA through `SSL_CERT_FILE` (its README says so), and without it fails
+/// with one line naming the refresh.
+fn oidc(tool: Tool, pod: &Pod) -> Result<(), Failed> {
+    let api = pod.api(ApiOptions::default());
+    let args = ["pod/web", &format!(":{}", pod.echo)];
+    let mut pf = PortForward::start(tool.command(&api, Auth::Oidc, &args))
+        .map_err(|e| format!("{} with a valid OIDC ID token: {e}", tool.name()))?;
+    echo_roundtrip(pf.local, 4096)?;
+    pf.stop();
+    check(api.oidc_refreshes() == 0, || {
+        format!("{} refreshed a valid ID token", tool.name())
+    })?;
+
+    let mut cmd = tool.command(&api, Auth::OidcExpired, &args);
+    if tool == Tool::Ringfwd {
+        cmd.env("SSL_CERT_FILE", api.ca_file());
+    }
+    let mut pf = PortForward::start(cmd)
+        .map_err(|e| format!("{} with an expired OIDC ID token: {e}", tool.name()))?;
+    echo_roundtrip(pf.local, 4096)?;
+    pf.stop();
+    check(api.oidc_refreshes() >= 1, || {
+        format!(
+            "{} used an expired ID token without refreshing it",
+            tool.name()
+        )
+    })?;
+
+    if tool == Tool::Ringfwd {
+        let mut cmd = tool.command(&api, Auth::OidcExpired, &["pod/web", "8080"]);
+        cmd.env_remove("SSL_CERT_FILE");
+        let err = match PortForward::start(cmd) {
+            Ok(_) => return Err("ringfwd refreshed at an issuer it has no reason to trust".into()),
+            Err(stderr) => stderr,
+        };
+        one_line(&err)?;
+        check(
+            err.contains("refresh") && err.contains("SSL_CERT_FILE"),
+            || format!("the failed OIDC refresh is not named: {err:?}"),
+        )?;
+    }
+    Ok(())
+}
+
 /// A token the server does not know: 401.
 fn unauthorized(tool: Tool, pod: &Pod) -> Result<(), Failed> {
     let api = pod.api(ApiOptions::default());
@@ -567,13 +614,14 @@ fn one_line(err: &str) -> Result<(), Failed> {
 type Scenario = fn(Tool, &Pod) -> Result<(), Failed>;
 
 fn trials(pod: Option<Arc<Pod>>) -> Vec<Trial> {
-    let both: [(&str, Scenario); 12] = [
+    let both: [(&str, Scenario); 13] = [
         ("tunnel::bulk_download_upload", |t, p| bulk(t, p, false)),
         ("spdy::bulk_download_upload", |t, p| bulk(t, p, true)),
         ("svc::named_target_port", service_named_port),
         ("deploy::named_container_port", deployment_named_port),
         ("fallback::old_api_server_spdy", fallback_to_spdy),
         ("auth::every_credential_kind", credentials),
+        ("auth::oidc_and_refresh", oidc),
         ("auth::unauthorized_401", unauthorized),
         ("errors::pod_not_found_404", not_found),
         ("errors::forbidden_403", forbidden),

@@ -105,6 +105,22 @@ impl Cluster {
             kube::Error::Api(s) => {
                 ControlError::Api(format!("Error from server: HTTP {} {}", s.code, s.reason))
             }
+            e if auth_failure(&e).is_some() => {
+                let chain = error_chain(&e);
+                // kube checks an OIDC issuer's certificate against the system's roots only; it
+                // ignores the kubeconfig's idp-certificate-authority(-data), which kubectl uses.
+                let oidc = matches!(auth_failure(&e), Some(kube::client::AuthError::Oidc(_)));
+                let hint = if oidc && chain.contains("certificate") {
+                    "; kube checks the OIDC issuer's certificate against the system's roots \
+                     (or the PEM file in SSL_CERT_FILE), not idp-certificate-authority"
+                } else {
+                    ""
+                };
+                ControlError::Api(format!(
+                    "cannot get credentials for the API server {}: {chain}{hint}",
+                    self.server
+                ))
+            }
             e => ControlError::Api(format!(
                 "cannot reach the API server {}: {}",
                 self.server,
@@ -273,6 +289,19 @@ impl Cluster {
 
 /// An error and its causes on one line (`client error (Connect): tcp connect error: ...`),
 /// without the wrapper names (`ServiceError:`) that say nothing to a user.
+/// The credential failure behind `e`, if that is what it is (kube reports it directly or
+/// wrapped in its service stack's error).
+fn auth_failure(e: &kube::Error) -> Option<&kube::client::AuthError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(a) = c.downcast_ref::<kube::client::AuthError>() {
+            return Some(a);
+        }
+        cur = c.source();
+    }
+    None
+}
+
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur = e.source();

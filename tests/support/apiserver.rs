@@ -149,6 +149,11 @@ pub enum Auth {
     Exec,
     /// The good token, no CA, `insecure-skip-tls-verify: true`.
     InsecureToken,
+    /// The `oidc` auth provider with a valid ID token from this server's issuer.
+    Oidc,
+    /// The `oidc` auth provider with an expired ID token and a refresh token: the client must
+    /// refresh at the issuer (`/oidc` on this server) before the server accepts it.
+    OidcExpired,
 }
 
 /// Where a pod's port-forward requests go (the pod's kubelet, in effect).
@@ -453,7 +458,34 @@ impl ApiServer {
                     "interactiveMode": "Never",
                 }})
             }
+            Auth::Oidc | Auth::OidcExpired => {
+                let oidc = &self.state.oidc;
+                let lifetime = if auth == Auth::Oidc { 3600 } else { -3600 };
+                json!({ "auth-provider": {
+                    "name": "oidc",
+                    "config": {
+                        "idp-issuer-url": oidc.issuer,
+                        "client-id": OIDC_CLIENT_ID,
+                        "client-secret": oidc.client_secret,
+                        "id-token": oidc.mint(lifetime),
+                        "refresh-token": oidc.refresh_token,
+                        "idp-certificate-authority-data": BASE64.encode(&self.pki.ca_pem),
+                    },
+                }})
+            }
         }
+    }
+
+    /// The CA certificate written to a PEM file (for `SSL_CERT_FILE`).
+    pub fn ca_file(&self) -> PathBuf {
+        let path = self.dir.path().join("ca.pem");
+        write_file(&path, &self.pki.ca_pem, 0o644);
+        path
+    }
+
+    /// How many ID tokens the OIDC issuer has handed out for refresh tokens.
+    pub fn oidc_refreshes(&self) -> u64 {
+        self.state.oidc.refreshes.load(Ordering::Relaxed)
     }
 
     /// `kubectl --kubeconfig <fresh kubeconfig for auth>`, with its discovery cache in this
@@ -750,6 +782,7 @@ struct State {
     addr: SocketAddr,
     token: String,
     forbidden_token: String,
+    oidc: OidcIssuer,
     store: Mutex<Store>,
     requests: Mutex<Vec<String>>,
     /// Signalled whenever a request is logged.
@@ -768,6 +801,7 @@ impl State {
             addr,
             token: random_hex(32),
             forbidden_token: random_hex(32),
+            oidc: OidcIssuer::new(format!("https://{addr}/oidc")),
             store: Mutex::new(store),
             requests: Mutex::new(Vec::new()),
             requests_changed: Condvar::new(),
@@ -1560,6 +1594,10 @@ fn authenticate(
             name: VIEWER_USER,
             may_portforward: false,
         }),
+        Some(t) if state.oidc.accepts(t) => Ok(User {
+            name: OIDC_USER,
+            may_portforward: true,
+        }),
         _ => Err(status_response(401, "Unauthorized", "Unauthorized", None)),
     }
 }
@@ -1587,6 +1625,133 @@ fn authorize_portforward(
     ))
 }
 
+/// Client id the kubeconfigs of [`Auth::Oidc`] carry.
+const OIDC_CLIENT_ID: &str = "ringfwd-test";
+/// The user an OIDC ID token authenticates as.
+const OIDC_USER: &str = "oidc:alice";
+
+/// A minimal OpenID provider at `/oidc` on the same server: discovery and a token endpoint
+/// that trades the one refresh token for a fresh ID token. Like the real API server's OIDC
+/// authenticator, the API side accepts an ID token it issued until its `exp`. (Signatures are
+/// not checked here; kubectl's and kube's auth providers never check them either.)
+struct OidcIssuer {
+    issuer: String,
+    client_secret: String,
+    refresh_token: String,
+    /// Issued ID tokens and their expiry (seconds since the epoch).
+    issued: Mutex<HashMap<String, u64>>,
+    refreshes: AtomicU64,
+}
+
+impl OidcIssuer {
+    fn new(issuer: String) -> OidcIssuer {
+        OidcIssuer {
+            issuer,
+            client_secret: random_hex(16),
+            refresh_token: random_hex(32),
+            issued: Mutex::new(HashMap::new()),
+            refreshes: AtomicU64::new(0),
+        }
+    }
+
+    /// A JWT for [`OIDC_USER`] that expires `lifetime` seconds from now (negative: expired).
+    fn mint(&self, lifetime: i64) -> String {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let exp = now.saturating_add_signed(lifetime);
+        let header = json!({ "alg": "RS256", "typ": "JWT" });
+        let claims = json!({
+            "iss": self.issuer,
+            "sub": OIDC_USER,
+            "aud": OIDC_CLIENT_ID,
+            "iat": now,
+            "exp": exp,
+            "jti": random_hex(8),
+        });
+        let token = format!(
+            "{}.{}.{}",
+            B64URL.encode(header.to_string()),
+            B64URL.encode(claims.to_string()),
+            B64URL.encode(random_bytes::<32>()),
+        );
+        self.issued.lock().unwrap().insert(token.clone(), exp);
+        token
+    }
+
+    fn accepts(&self, token: &str) -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        self.issued
+            .lock()
+            .unwrap()
+            .get(token)
+            .is_some_and(|&exp| exp > now)
+    }
+}
+
+/// `GET /oidc/.well-known/openid-configuration` and `POST /oidc/token` (RFC 6749 refresh grant;
+/// client credentials by HTTP Basic or in the form, both of which clients try).
+async fn oidc_issuer(state: &State, req: Request<Incoming>) -> Response<Body> {
+    let oidc = &state.oidc;
+    let oauth_error =
+        |status: StatusCode, error: &str| json_response(status, &json!({ "error": error }));
+    match (req.method().clone(), req.uri().path()) {
+        (Method::GET, "/oidc/.well-known/openid-configuration") => json_response(
+            StatusCode::OK,
+            &json!({
+                "issuer": oidc.issuer,
+                "authorization_endpoint": format!("{}/auth", oidc.issuer),
+                "token_endpoint": format!("{}/token", oidc.issuer),
+                "jwks_uri": format!("{}/keys", oidc.issuer),
+                "response_types_supported": ["code"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+            }),
+        ),
+        (Method::POST, "/oidc/token") => {
+            let basic = header_str(req.headers(), header::AUTHORIZATION)
+                .strip_prefix("Basic ")
+                .and_then(|b| BASE64.decode(b.trim()).ok())
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| {
+                    let (id, secret) = s.split_once(':')?;
+                    Some((percent_decode(id), percent_decode(secret)))
+                });
+            let Ok(body) = req.into_body().collect().await else {
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request");
+            };
+            let form = parse_query(Some(&String::from_utf8_lossy(&body.to_bytes())));
+            let field = |k: &str| form.get(k).and_then(|v| v.first()).cloned();
+            let client = basic.or_else(|| Some((field("client_id")?, field("client_secret")?)));
+            if client != Some((OIDC_CLIENT_ID.to_owned(), oidc.client_secret.clone())) {
+                return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client");
+            }
+            if field("grant_type").as_deref() != Some("refresh_token")
+                || field("refresh_token").as_deref() != Some(oidc.refresh_token.as_str())
+            {
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+            }
+            oidc.refreshes.fetch_add(1, Ordering::Relaxed);
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "access_token": random_hex(16),
+                    "token_type": "Bearer",
+                    "expires_in": 3600,
+                    "id_token": oidc.mint(3600),
+                    "refresh_token": oidc.refresh_token,
+                }),
+            )
+        }
+        _ => text_response(StatusCode::NOT_FOUND, "404 page not found"),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Routing
 // ---------------------------------------------------------------------------------------------
@@ -1597,6 +1762,9 @@ async fn route(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    if req.uri().path().starts_with("/oidc/") {
+        return oidc_issuer(state, req).await;
+    }
     let user = match authenticate(state, cert_user, req.headers()) {
         Ok(u) => u,
         Err(resp) => return resp,
