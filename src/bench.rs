@@ -383,7 +383,7 @@ impl std::fmt::Display for Report {
             self.mode,
             self.bytes as f64 / (1u64 << 30) as f64
         )?;
-        writeln!(f, "{:<34} {}", "metric", "value")?;
+        writeln!(f, "{:<34} value", "metric")?;
         writeln!(
             f,
             "{:<34} {:.2} Gbit/s ({:.2} s)",

@@ -373,10 +373,10 @@ fn match_labels(labels: &BTreeMap<String, String>) -> String {
 fn selector_string(sel: Option<LabelSelector>) -> Result<String, ControlError> {
     let sel = sel.unwrap_or_default();
     let mut parts = Vec::new();
-    if let Some(m) = &sel.match_labels {
-        if !m.is_empty() {
-            parts.push(match_labels(m));
-        }
+    if let Some(m) = &sel.match_labels
+        && !m.is_empty()
+    {
+        parts.push(match_labels(m));
     }
     for e in sel.match_expressions.iter().flatten() {
         let values = e.values.clone().unwrap_or_default().join(",");

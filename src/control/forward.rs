@@ -221,10 +221,10 @@ impl Forwarder {
         if let Some(s) = cur.as_ref().filter(|s| s.is_usable()) {
             return Ok(s.clone());
         }
-        if let Some(old) = cur.take() {
-            if let Some(why) = old.dead_reason() {
-                tracing::warn!("upstream session lost ({why}); opening a new one");
-            }
+        if let Some(old) = cur.take()
+            && let Some(why) = old.dead_reason()
+        {
+            tracing::warn!("upstream session lost ({why}); opening a new one");
         }
         let s = self.new_session(&self.remote_ports).await?;
         *cur = Some(s.clone());

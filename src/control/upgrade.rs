@@ -140,10 +140,10 @@ impl Ask {
 
 /// The one line worth showing from an error body: a Kubernetes `Status` message, or the text.
 pub fn error_message(body: &[u8]) -> String {
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-        if let Some(m) = v.get("message").and_then(|m| m.as_str()) {
-            return m.to_string();
-        }
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body)
+        && let Some(m) = v.get("message").and_then(|m| m.as_str())
+    {
+        return m.to_string();
     }
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
