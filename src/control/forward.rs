@@ -21,7 +21,7 @@ use super::upgrade::{Protocol, Upgraded, upgrade};
 use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
-use crate::relay::{ConnOutcome, Session, SessionOptions, relay_client_conn};
+use crate::relay::{ConnOutcome, Session, SessionOptions, relay_client_conn, relay_opened_conn};
 
 /// Where sessions come from.
 #[derive(Debug, Clone)]
@@ -127,7 +127,7 @@ impl Forwarder {
             sessions_retired: AtomicU64::new(0),
         });
         if fwd.protocol().multiplexed() {
-            fwd.session_for(fwd.remote_ports[0]).await?;
+            fwd.shared_session().await?;
         } else if !matches!(fwd.cfg.upstream, Upstream::Api { .. }) {
             // Each WebSocket connection gets its own session, and an upgrade already dials the
             // target: only check that the runtime answers. (The API server was asked for the
@@ -181,7 +181,11 @@ impl Forwarder {
         }
     }
 
-    async fn new_session(&self, ports: &[u16]) -> Result<Session, ControlError> {
+    /// Upgrade for `ports` and pick the protocol and options the session will run with.
+    async fn prepare_session(
+        &self,
+        ports: &[u16],
+    ) -> Result<(Upgraded, Box<dyn PortForwardProtocol>, SessionOptions), ControlError> {
         let (up, protocol) = self.upgrade(ports).await?;
         let proto: Box<dyn PortForwardProtocol> = match protocol {
             Protocol::Spdy | Protocol::Tunnel if up.half_close => {
@@ -196,9 +200,14 @@ impl Forwarder {
         };
         let mut opts = self.cfg.session.clone();
         opts.forward_half_close = up.half_close;
-        let (session, _incoming) = Session::start(up.io, up.prefix, proto, opts);
         self.sessions_started.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("new {} session", protocol.name());
+        Ok((up, proto, opts))
+    }
+
+    async fn new_session(&self, ports: &[u16]) -> Result<Session, ControlError> {
+        let (up, proto, opts) = self.prepare_session(ports).await?;
+        let (session, _incoming) = Session::start(up.io, up.prefix, proto, opts);
         Ok(session)
     }
 
@@ -212,11 +221,9 @@ impl Forwarder {
         self.sessions_retired.load(Ordering::Relaxed)
     }
 
-    /// The session a new connection to `port` should use.
-    pub async fn session_for(&self, port: u16) -> Result<Session, ControlError> {
-        if !self.protocol().multiplexed() {
-            return self.new_session(&[port]).await;
-        }
+    /// The session new connections share (multiplexed protocols): the current one while it is
+    /// usable, else a new one.
+    pub async fn shared_session(&self) -> Result<Session, ControlError> {
         let mut cur = self.current.lock().await;
         if let Some(s) = cur.as_ref().filter(|s| s.is_usable()) {
             return Ok(s.clone());
@@ -280,18 +287,32 @@ impl Forwarder {
     /// Relay one accepted connection; returns how it ended.
     pub async fn handle(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) -> ConnOutcome {
         tracing::debug!("handling connection from {peer} for port {remote}");
-        let session = match self.session_for(remote).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(
-                    "connection from {peer} to port {remote}: cannot open upstream session: {e}"
-                );
-                let _ = tcp.set_zero_linger();
-                return ConnOutcome::SessionLost(e.to_string());
+        let session_multiplexed = self.protocol().multiplexed();
+        let (session, outcome) = if session_multiplexed {
+            match self.shared_session().await {
+                Ok(s) => {
+                    let outcome = relay_client_conn(&s, tcp, remote).await;
+                    (s, outcome)
+                }
+                Err(e) => return Self::no_session(tcp, peer, remote, e.to_string()),
+            }
+        } else {
+            // One session per connection, the connection open before the server can answer.
+            let started = match self.prepare_session(&[remote]).await {
+                Ok((up, proto, opts)) => {
+                    Session::start_with_conn(up.io, up.prefix, proto, opts, remote)
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match started {
+                Ok((s, conn, inbound)) => {
+                    let outcome = relay_opened_conn(&s, tcp, conn, inbound).await;
+                    (s, outcome)
+                }
+                Err(e) => return Self::no_session(tcp, peer, remote, e),
             }
         };
-        let session_multiplexed = self.protocol().multiplexed();
-        let outcome = relay_client_conn(&session, tcp, remote).await;
         match &outcome {
             ConnOutcome::Clean { .. } => {
                 tracing::debug!("connection from {peer} to port {remote}: {outcome}")
@@ -314,5 +335,13 @@ impl Forwarder {
             session.close();
         }
         outcome
+    }
+
+    fn no_session(tcp: TcpStream, peer: SocketAddr, remote: u16, e: String) -> ConnOutcome {
+        tracing::error!(
+            "connection from {peer} to port {remote}: cannot open upstream session: {e}"
+        );
+        let _ = tcp.set_zero_linger();
+        ConnOutcome::SessionLost(e)
     }
 }

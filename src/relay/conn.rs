@@ -80,6 +80,18 @@ pub async fn relay_client_conn(session: &Session, tcp: TcpStream, port: u16) -> 
     relay(session, tcp, conn, inbound, Side::Client).await
 }
 
+/// Client role: relay an accepted local connection on `conn`, already open on `session`
+/// (see [`Session::start_with_conn`]).
+pub async fn relay_opened_conn(
+    session: &Session,
+    tcp: TcpStream,
+    conn: ConnId,
+    inbound: mpsc::Receiver<Inbound>,
+) -> ConnOutcome {
+    COUNTERS.conns_opened.fetch_add(1, Relaxed);
+    relay(session, tcp, conn, inbound, Side::Client).await
+}
+
 /// Server role: relay upstream connection `conn` to the dialled target `tcp`.
 pub async fn relay_server_conn(
     session: &Session,

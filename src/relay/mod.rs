@@ -18,7 +18,7 @@ pub mod tunnel;
 
 use std::time::Duration;
 
-pub use conn::{ConnOutcome, relay_client_conn, relay_server_conn};
+pub use conn::{ConnOutcome, relay_client_conn, relay_opened_conn, relay_server_conn};
 pub use session::{Incoming, Session, SessionOptions};
 pub use tunnel::TunnelIo;
 

@@ -77,6 +77,8 @@ struct Frame {
 struct Shared {
     proto: Mutex<Box<dyn PortForwardProtocol>>,
     out: mpsc::UnboundedSender<Frame>,
+    /// The writer's end of `out`, until the writer task takes it.
+    out_rx: Mutex<Option<mpsc::UnboundedReceiver<Frame>>>,
     conns: Mutex<HashMap<ConnId, mpsc::Sender<Inbound>>>,
     budget: Arc<Semaphore>,
     dead: watch::Sender<Option<Arc<str>>>,
@@ -114,12 +116,42 @@ impl Session {
     where
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
+        let (session, incoming_tx, incoming_rx) = Session::new(proto, opts);
+        session.spawn(io, prefix, incoming_tx);
+        (session, incoming_rx)
+    }
+
+    /// Client role: start a session whose first connection, to `port`, is open before a byte
+    /// is read. For protocols that fix their connections at the upgrade (WebSocket v4, where
+    /// the server dials at once and may answer with an error and a close straight away), so
+    /// that answer reaches the connection instead of finding nobody registered.
+    pub fn start_with_conn<IO>(
+        io: IO,
+        prefix: Bytes,
+        proto: Box<dyn PortForwardProtocol>,
+        opts: SessionOptions,
+        port: u16,
+    ) -> Result<(Session, ConnId, mpsc::Receiver<Inbound>), RelayError>
+    where
+        IO: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (session, incoming_tx, _) = Session::new(proto, opts);
+        let (conn, inbound) = session.open(port)?;
+        session.spawn(io, prefix, incoming_tx);
+        Ok((session, conn, inbound))
+    }
+
+    fn new(
+        proto: Box<dyn PortForwardProtocol>,
+        opts: SessionOptions,
+    ) -> (Session, mpsc::Sender<Incoming>, mpsc::Receiver<Incoming>) {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (incoming_tx, incoming_rx) = mpsc::channel(64);
         let max_payload = proto.max_payload().min(super::READ_BUF);
         let shared = Arc::new(Shared {
             proto: Mutex::new(proto),
             out: out_tx,
+            out_rx: Mutex::new(Some(out_rx)),
             conns: Mutex::new(HashMap::new()),
             budget: Arc::new(Semaphore::new(SESSION_WRITE_BUDGET)),
             dead: watch::channel(None).0,
@@ -133,22 +165,35 @@ impl Session {
             opts,
         });
         COUNTERS.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        (Session { shared }, incoming_tx, incoming_rx)
+    }
+
+    /// The reader, the writer and the keepalive.
+    fn spawn<IO>(&self, io: IO, prefix: Bytes, incoming_tx: mpsc::Sender<Incoming>)
+    where
+        IO: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let out_rx = self
+            .shared
+            .out_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("a session is spawned once");
         let (rd, wr) = tokio::io::split(io);
-        let session = Session { shared };
-        let s = session.clone();
+        let s = self.clone();
         tokio::spawn(async move {
             let res = s.read_loop(rd, prefix, incoming_tx).await;
             s.die(res.err().unwrap_or(RelayError::UpstreamClosed));
         });
-        let s = session.clone();
+        let s = self.clone();
         tokio::spawn(async move {
             if let Err(e) = s.write_loop(wr, out_rx).await {
                 s.die(e);
             }
         });
-        let s = session.clone();
+        let s = self.clone();
         tokio::spawn(async move { s.keepalive().await });
-        (session, incoming_rx)
     }
 
     fn proto(&self) -> MutexGuard<'_, Box<dyn PortForwardProtocol>> {
@@ -622,5 +667,40 @@ mod tests {
             .await
             .expect("the data never left the client");
         assert!(matches!(data, Some(Inbound::Data(b)) if &b[..] == b"hello"));
+    }
+
+    /// A WebSocket v4 server dials at the upgrade and may answer with an error and a close
+    /// before the client has done anything: here both are in the input before the session
+    /// starts. The connection opened with the session gets the server's message, not a
+    /// "session closed".
+    #[tokio::test]
+    async fn an_answer_that_comes_with_the_upgrade_reaches_the_connection() {
+        use crate::proto::ws::WsPortForward;
+        let mut server = WsPortForward::server(&[7000]);
+        let mut scratch = BytesMut::new();
+        let conn = match server.handle_input(&mut scratch).unwrap() {
+            Some(Event::Incoming { conn, port: 7000 }) => conn,
+            other => panic!("{other:?}"),
+        };
+        server.fail(conn, "dial tcp 127.0.0.1:7000: connection refused");
+        server.goaway();
+        let mut wire = BytesMut::new();
+        while let Some(b) = server.poll_transmit() {
+            wire.extend_from_slice(&b);
+        }
+        let (client_io, mut server_io) = duplex(1 << 16);
+        server_io.write_all(&wire).await.unwrap();
+        let (_session, _conn, mut inbound) = Session::start_with_conn(
+            client_io,
+            Bytes::new(),
+            Box::new(WsPortForward::client(&[7000], 1)),
+            SessionOptions::default(),
+            7000,
+        )
+        .unwrap();
+        match inbound.recv().await {
+            Some(Inbound::Error(m)) => assert!(m.contains("connection refused"), "{m}"),
+            other => panic!("want the server's error, got {other:?}"),
+        }
     }
 }
