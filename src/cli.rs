@@ -89,6 +89,10 @@ struct PortForwardArgs {
     /// The namespace of the target (default: the context's, then `default`).
     #[arg(short = 'n', long, help_heading = "Cluster")]
     namespace: Option<String>,
+    /// How long to wait (like 5s, 2m or 3h) for a pod of a svc/deploy/rs/sts target to appear
+    /// when none matches yet.
+    #[arg(long, default_value = "1m", value_parser = parse_duration, value_name = "DURATION")]
+    pod_running_timeout: Duration,
     /// How to talk to the API server: `auto` tries the WebSocket tunnel and falls back to
     /// SPDY/3.1 when the server refuses it (as kubectl 1.31+; KUBECTL_PORT_FORWARD_WEBSOCKETS=false
     /// makes `auto` mean `spdy`, as it does for kubectl).
@@ -281,6 +285,7 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
         cluster: a.cluster,
         user: a.user,
         namespace: a.namespace,
+        pod_running_timeout: a.pod_running_timeout,
     })
     .await
     .map_err(|e| e.to_string())?;

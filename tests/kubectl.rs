@@ -432,6 +432,66 @@ fn oidc(tool: Tool, pod: &Pod) -> Result<(), Failed> {
     Ok(())
 }
 
+/// `deploy/later` with no pod yet: both tools watch for one (kubectl's GetFirstPod, ringfwd's
+/// `--pod-running-timeout`) and forward once it is added; with a short timeout both give up.
+fn pod_appears_later(tool: Tool, pod: &Pod) -> Result<(), Failed> {
+    let api = pod.api(ApiOptions::default());
+    let rs = api.add_deployment("later", NAMESPACE, &[("app", "later")], 1);
+    let cmd = tool.command(&api, Auth::Token, &["deploy/later", ":echo"]);
+    let starting = std::thread::spawn(move || PortForward::start(cmd));
+    let watching = api.wait_for_request(
+        |l| l.contains("/pods?") && l.contains("watch=") && l.contains("later"),
+        Duration::from_secs(60),
+    );
+    check(watching.is_some(), || {
+        format!("{} never watched for the deployment's pods", tool.name())
+    })?;
+    api.add_pod(
+        PodDef::new("later-1", pod.backend())
+            .label("app", "later")
+            .owner(&rs)
+            .port(Some("echo"), pod.echo),
+    );
+    let mut pf = starting.join().unwrap().map_err(|e| {
+        format!(
+            "{} did not forward to the pod added later: {e}",
+            tool.name()
+        )
+    })?;
+    check(pf.remote == pod.echo, || {
+        format!("forwards to {}, want {}", pf.remote, pod.echo)
+    })?;
+    echo_roundtrip(pf.local, 4096)?;
+    if tool == Tool::Ringfwd {
+        let log = pf.stderr();
+        check(log.contains("no pod matches deploy/later"), || {
+            format!("ringfwd did not say it was waiting: {log:?}")
+        })?;
+    }
+    pf.stop();
+
+    api.add_deployment("never", NAMESPACE, &[("app", "never")], 1);
+    let args = ["deploy/never", "8080", "--pod-running-timeout", "1s"];
+    let mut cmd = tool.command(&api, Auth::Token, &args);
+    // Only the error: the "waiting" notice is an info log.
+    cmd.env("RUST_LOG", "ringfwd=warn");
+    let err = match PortForward::start(cmd) {
+        Ok(pf) => {
+            return Err(format!("{} forwarded to {} without a pod", tool.name(), pf.remote).into());
+        }
+        Err(stderr) => stderr,
+    };
+    let want = match tool {
+        Tool::Kubectl => "timed out waiting for the condition",
+        Tool::Ringfwd => "after waiting 1s (--pod-running-timeout)",
+    };
+    check(err.contains(want), || format!("want {want:?} in {err:?}"))?;
+    if tool == Tool::Ringfwd {
+        one_line(&err)?;
+    }
+    Ok(())
+}
+
 /// A token the server does not know: 401.
 fn unauthorized(tool: Tool, pod: &Pod) -> Result<(), Failed> {
     let api = pod.api(ApiOptions::default());
@@ -614,11 +674,12 @@ fn one_line(err: &str) -> Result<(), Failed> {
 type Scenario = fn(Tool, &Pod) -> Result<(), Failed>;
 
 fn trials(pod: Option<Arc<Pod>>) -> Vec<Trial> {
-    let both: [(&str, Scenario); 13] = [
+    let both: [(&str, Scenario); 14] = [
         ("tunnel::bulk_download_upload", |t, p| bulk(t, p, false)),
         ("spdy::bulk_download_upload", |t, p| bulk(t, p, true)),
         ("svc::named_target_port", service_named_port),
         ("deploy::named_container_port", deployment_named_port),
+        ("deploy::pod_appears_later", pod_appears_later),
         ("fallback::old_api_server_spdy", fallback_to_spdy),
         ("auth::every_credential_kind", credentials),
         ("auth::oidc_and_refresh", oidc),

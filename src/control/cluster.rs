@@ -11,14 +11,16 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use super::ControlError;
@@ -35,6 +37,9 @@ pub struct ClusterOptions {
     pub user: Option<String>,
     /// `-n`; otherwise the context's namespace, otherwise `default`.
     pub namespace: Option<String>,
+    /// How long a workload target (`svc/`, `deploy/`, ...) may have no pod before we give up,
+    /// as kubectl's `--pod-running-timeout`. Zero: do not wait.
+    pub pod_running_timeout: Duration,
 }
 
 /// A client for the cluster and the namespace targets live in.
@@ -43,6 +48,7 @@ pub struct Cluster {
     pub client: kube::Client,
     pub namespace: String,
     pub server: String,
+    pub pod_running_timeout: Duration,
 }
 
 impl fmt::Debug for Cluster {
@@ -88,6 +94,7 @@ impl Cluster {
             client,
             namespace,
             server,
+            pod_running_timeout: opts.pod_running_timeout,
         })
     }
 
@@ -211,24 +218,74 @@ impl Cluster {
     }
 
     /// The pod kubectl would pick among those `selector` matches: the most "active" one
-    /// (assigned, running, ready, ready longest, fewest restarts, oldest).
+    /// (assigned, running, ready, ready longest, fewest restarts, oldest). While none matches,
+    /// wait for one to appear, up to [`Cluster::pod_running_timeout`], as kubectl does (a
+    /// deployment just applied, a statefulset scaled up from zero).
     async fn pick_pod(
         &self,
         target: &Target,
         selector: &str,
     ) -> Result<(Pod, usize), ControlError> {
-        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
-            .list(&ListParams::default().labels(selector))
-            .await
-            .map_err(|e| self.api_error(e))?;
-        let n = pods.items.len();
-        let pod = pods.items.into_iter().max_by_key(activity).ok_or_else(|| {
-            ControlError::Target(format!(
-                "no pods in namespace {} match {target} (selector {selector})",
-                self.namespace
-            ))
-        })?;
-        Ok((pod, n))
+        let api = Api::<Pod>::namespaced(self.client.clone(), &self.namespace);
+        let deadline = tokio::time::Instant::now() + self.pod_running_timeout;
+        let mut said = false;
+        loop {
+            let pods = api
+                .list(&ListParams::default().labels(selector))
+                .await
+                .map_err(|e| self.api_error(e))?;
+            let n = pods.items.len();
+            if let Some(pod) = pods.items.into_iter().max_by_key(activity) {
+                return Ok((pod, n));
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                let waited = if said {
+                    format!(
+                        " after waiting {:?} (--pod-running-timeout)",
+                        self.pod_running_timeout
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(ControlError::Target(format!(
+                    "no pods in namespace {} match {target} (selector {selector}){waited}",
+                    self.namespace
+                )));
+            }
+            if !said {
+                tracing::info!(
+                    "no pod matches {target} (selector {selector}) yet; waiting up to {:?}",
+                    self.pod_running_timeout
+                );
+                said = true;
+            }
+            // Watch from the list's version until something matching is added or changes, then
+            // list again (the choice is made among all pods, not the first event's).
+            let rv = pods.metadata.resource_version.unwrap_or_default();
+            // The server closes a watch after its timeout; the API caps it below 295 s.
+            let server_timeout = left.as_secs().clamp(1, 290) as u32;
+            let wp = WatchParams::default()
+                .labels(selector)
+                .timeout(server_timeout);
+            let appeared = async {
+                let events = api.watch(&wp, &rv).await.map_err(|e| self.api_error(e))?;
+                let mut events = std::pin::pin!(events);
+                while let Some(ev) = events.try_next().await.map_err(|e| self.api_error(e))? {
+                    match ev {
+                        WatchEvent::Added(_) | WatchEvent::Modified(_) => return Ok(()),
+                        // 410 Gone and the like: list again.
+                        WatchEvent::Error(_) => return Ok(()),
+                        _ => {}
+                    }
+                }
+                Ok::<(), ControlError>(())
+            };
+            // On the deadline the next turn lists once more and gives up.
+            if let Ok(r) = tokio::time::timeout(left, appeared).await {
+                r?;
+            }
+        }
     }
 
     /// Upgrade a port-forward request for `pod` to `protocol`. `ports` only matter to
@@ -287,8 +344,6 @@ impl Cluster {
     }
 }
 
-/// An error and its causes on one line (`client error (Connect): tcp connect error: ...`),
-/// without the wrapper names (`ServiceError:`) that say nothing to a user.
 /// The credential failure behind `e`, if that is what it is (kube reports it directly or
 /// wrapped in its service stack's error).
 fn auth_failure(e: &kube::Error) -> Option<&kube::client::AuthError> {
@@ -302,6 +357,8 @@ fn auth_failure(e: &kube::Error) -> Option<&kube::client::AuthError> {
     None
 }
 
+/// An error and its causes on one line (`client error (Connect): tcp connect error: ...`),
+/// without the wrapper names (`ServiceError:`) that say nothing to a user.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur = e.source();
