@@ -128,3 +128,48 @@ fn plugin_binary_speaks_as_kubectl_ringfwd() {
     );
     assert!(help.contains("kubectl ringfwd svc/myservice 8080:http"));
 }
+
+/// The README's two commands: the first runs the embedded bench through `cargo run` (here
+/// without `--release` and with small sizes, so no second build and no long run), the second is
+/// the test command `.ci/run` calls. `cargo run` must pick `ringfwd` among the two binaries.
+#[test]
+fn readme_commands_work() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let block = readme
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("README starts with a sh block");
+    let cmds: Vec<&str> = block
+        .lines()
+        .map(|l| l.split('#').next().unwrap().trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        cmds,
+        ["cargo run --release -- bench", "cargo test --locked"]
+    );
+    let ci = std::fs::read_to_string(format!("{root}/.ci/run")).unwrap();
+    assert!(
+        ci.lines().any(|l| l.trim() == cmds[1]),
+        ".ci/run does not run the README's test command"
+    );
+
+    let out = Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args(["run", "--quiet", "--offline", "--", "bench"])
+        .args(["--bytes", "16MiB", "--connects", "20", "--echoes", "200"])
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("run cargo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "`cargo run -- bench` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for w in ["download", "upload", "CPU", "p50", "p99"] {
+        assert!(stdout.contains(w), "bench table lacks {w:?}: {stdout}");
+    }
+}
