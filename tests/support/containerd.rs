@@ -764,15 +764,45 @@ fn clean_leftover_sandbox(socket: &Path, sb: &Sandbox) {
         .unwrap_or_default();
     dirs.push(Path::new("/sys/fs/cgroup").join(CRI_NAMESPACE).join(&sb.id));
     dirs.retain(|d| d.is_dir());
+    // A task leaves its cgroup when it exits: wait for every one still listed to exit (its
+    // pidfd becomes readable), then remove the directories.
     let deadline = Instant::now() + Duration::from_secs(2);
-    while !dirs.is_empty() && Instant::now() < deadline {
-        dirs.retain(|d| fs::remove_dir(d).is_err());
-        if !dirs.is_empty() {
-            std::thread::sleep(Duration::from_millis(20));
+    for d in &dirs {
+        let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs
+            .lines()
+            .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+        {
+            wait_for_exit(pid, deadline);
         }
     }
+    dirs.retain(|d| fs::remove_dir(d).is_err());
     for d in dirs {
         eprintln!("containerd fixture: cannot remove cgroup {}", d.display());
+    }
+}
+
+/// Wait until process `pid` has exited (or `deadline` passes), on its pidfd.
+fn wait_for_exit(pid: libc::pid_t, deadline: Instant) {
+    // Safety: pidfd_open(2) with no flags returns a new fd we own, or -1 (gone already).
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+    if fd < 0 {
+        return;
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Safety: one valid pollfd; the fd is closed right after.
+    unsafe {
+        libc::poll(
+            &mut pfd,
+            1,
+            left.as_millis().min(i32::MAX as u128) as libc::c_int,
+        );
+        libc::close(fd);
     }
 }
 
