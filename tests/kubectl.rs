@@ -263,7 +263,12 @@ fn start(tool: Tool, api: &ApiServer, auth: Auth, args: &[&str]) -> Result<PortF
 
 /// Run `tool` expecting it to fail before forwarding; returns its stderr.
 fn start_fails(tool: Tool, api: &ApiServer, auth: Auth, args: &[&str]) -> Result<String, Failed> {
-    match PortForward::start(tool.command(api, auth, args)) {
+    start_fails_cmd(tool, tool.command(api, auth, args))
+}
+
+/// [`start_fails`] with a command the scenario adjusted.
+fn start_fails_cmd(tool: Tool, cmd: Command) -> Result<String, Failed> {
+    match PortForward::start(cmd) {
         Ok(pf) => Err(format!(
             "{} started forwarding to {} where it should have failed",
             tool.name(),
@@ -272,6 +277,19 @@ fn start_fails(tool: Tool, api: &ApiServer, auth: Auth, args: &[&str]) -> Result
         .into()),
         Err(stderr) => Ok(stderr),
     }
+}
+
+/// `err` holds the tool's expected message; ringfwd's error is one `error: ...` line.
+fn expect_error(tool: Tool, err: &str, kubectl: &str, ringfwd: &str) -> Result<(), Failed> {
+    let want = match tool {
+        Tool::Kubectl => kubectl,
+        Tool::Ringfwd => ringfwd,
+    };
+    check(err.contains(want), || format!("want {want:?} in {err:?}"))?;
+    if tool == Tool::Ringfwd {
+        one_line(err)?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -419,10 +437,7 @@ fn oidc(tool: Tool, pod: &Pod) -> Result<(), Failed> {
     if tool == Tool::Ringfwd {
         let mut cmd = tool.command(&api, Auth::OidcExpired, &["pod/web", "8080"]);
         cmd.env_remove("SSL_CERT_FILE");
-        let err = match PortForward::start(cmd) {
-            Ok(_) => return Err("ringfwd refreshed at an issuer it has no reason to trust".into()),
-            Err(stderr) => stderr,
-        };
+        let err = start_fails_cmd(tool, cmd)?;
         one_line(&err)?;
         check(
             err.contains("refresh") && err.contains("SSL_CERT_FILE"),
@@ -475,35 +490,25 @@ fn pod_appears_later(tool: Tool, pod: &Pod) -> Result<(), Failed> {
     let mut cmd = tool.command(&api, Auth::Token, &args);
     // Only the error: the "waiting" notice is an info log.
     cmd.env("RUST_LOG", "ringfwd=warn");
-    let err = match PortForward::start(cmd) {
-        Ok(pf) => {
-            return Err(format!("{} forwarded to {} without a pod", tool.name(), pf.remote).into());
-        }
-        Err(stderr) => stderr,
-    };
-    let want = match tool {
-        Tool::Kubectl => "timed out waiting for the condition",
-        Tool::Ringfwd => "after waiting 1s (--pod-running-timeout)",
-    };
-    check(err.contains(want), || format!("want {want:?} in {err:?}"))?;
-    if tool == Tool::Ringfwd {
-        one_line(&err)?;
-    }
-    Ok(())
+    let err = start_fails_cmd(tool, cmd)?;
+    expect_error(
+        tool,
+        &err,
+        "timed out waiting for the condition",
+        "after waiting 1s (--pod-running-timeout)",
+    )
 }
 
 /// A token the server does not know: 401.
 fn unauthorized(tool: Tool, pod: &Pod) -> Result<(), Failed> {
     let api = pod.api(ApiOptions::default());
     let err = start_fails(tool, &api, Auth::BadToken, &["pod/web", "8080"])?;
-    let want = match tool {
-        Tool::Kubectl => "You must be logged in to the server",
-        Tool::Ringfwd => "Error from server (Unauthorized): Unauthorized",
-    };
-    check(err.contains(want), || format!("want {want:?} in {err:?}"))?;
-    if tool == Tool::Ringfwd {
-        one_line(&err)?;
-    }
+    expect_error(
+        tool,
+        &err,
+        "You must be logged in to the server",
+        "Error from server (Unauthorized): Unauthorized",
+    )?;
     check(api.portforward_log().is_empty(), || {
         "a port-forward was attempted without credentials".into()
     })
@@ -514,11 +519,7 @@ fn not_found(tool: Tool, pod: &Pod) -> Result<(), Failed> {
     let api = pod.api(ApiOptions::default());
     let err = start_fails(tool, &api, Auth::Token, &["pod/nope", "8080"])?;
     let want = r#"Error from server (NotFound): pods "nope" not found"#;
-    check(err.contains(want), || format!("want {want:?} in {err:?}"))?;
-    if tool == Tool::Ringfwd {
-        one_line(&err)?;
-    }
-    Ok(())
+    expect_error(tool, &err, want, want)
 }
 
 /// A user who may read pods but not create `pods/portforward`: 403.

@@ -112,27 +112,32 @@ impl Cluster {
             kube::Error::Api(s) => {
                 ControlError::Api(format!("Error from server: HTTP {} {}", s.code, s.reason))
             }
-            e if auth_failure(&e).is_some() => {
+            e => {
                 let chain = error_chain(&e);
-                // kube checks an OIDC issuer's certificate against the system's roots only; it
-                // ignores the kubeconfig's idp-certificate-authority(-data), which kubectl uses.
-                let oidc = matches!(auth_failure(&e), Some(kube::client::AuthError::Oidc(_)));
-                let hint = if oidc && chain.contains("certificate") {
-                    "; kube checks the OIDC issuer's certificate against the system's roots \
-                     (or the PEM file in SSL_CERT_FILE), not idp-certificate-authority"
-                } else {
-                    ""
-                };
-                ControlError::Api(format!(
-                    "cannot get credentials for the API server {}: {chain}{hint}",
-                    self.server
-                ))
+                match auth_failure(&e) {
+                    Some(a) => {
+                        // kube checks an OIDC issuer's certificate against the system's roots
+                        // only; it ignores the kubeconfig's idp-certificate-authority(-data),
+                        // which kubectl uses.
+                        let oidc = matches!(a, kube::client::AuthError::Oidc(_));
+                        let hint = if oidc && chain.contains("certificate") {
+                            "; kube checks the OIDC issuer's certificate against the system's \
+                             roots (or the PEM file in SSL_CERT_FILE), not \
+                             idp-certificate-authority"
+                        } else {
+                            ""
+                        };
+                        ControlError::Api(format!(
+                            "cannot get credentials for the API server {}: {chain}{hint}",
+                            self.server
+                        ))
+                    }
+                    None => ControlError::Api(format!(
+                        "cannot reach the API server {}: {chain}",
+                        self.server
+                    )),
+                }
             }
-            e => ControlError::Api(format!(
-                "cannot reach the API server {}: {}",
-                self.server,
-                error_chain(&e)
-            )),
         }
     }
 
@@ -272,11 +277,12 @@ impl Cluster {
                 let events = api.watch(&wp, &rv).await.map_err(|e| self.api_error(e))?;
                 let mut events = std::pin::pin!(events);
                 while let Some(ev) = events.try_next().await.map_err(|e| self.api_error(e))? {
-                    match ev {
-                        WatchEvent::Added(_) | WatchEvent::Modified(_) => return Ok(()),
-                        // 410 Gone and the like: list again.
-                        WatchEvent::Error(_) => return Ok(()),
-                        _ => {}
+                    // A pod added or changed, or an error event (410 Gone and the like): list
+                    // again.
+                    if let WatchEvent::Added(_) | WatchEvent::Modified(_) | WatchEvent::Error(_) =
+                        ev
+                    {
+                        return Ok(());
                     }
                 }
                 Ok::<(), ControlError>(())

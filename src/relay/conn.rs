@@ -69,15 +69,13 @@ enum Side {
 
 /// Client role: relay an accepted local connection to `port` through `session`.
 pub async fn relay_client_conn(session: &Session, tcp: TcpStream, port: u16) -> ConnOutcome {
-    let (conn, inbound) = match session.open(port) {
-        Ok(x) => x,
+    match session.open(port) {
+        Ok((conn, inbound)) => relay_opened_conn(session, tcp, conn, inbound).await,
         Err(e) => {
             let _ = tcp.set_zero_linger();
-            return ConnOutcome::SessionLost(e.to_string());
+            ConnOutcome::SessionLost(e.to_string())
         }
-    };
-    COUNTERS.conns_opened.fetch_add(1, Relaxed);
-    relay(session, tcp, conn, inbound, Side::Client).await
+    }
 }
 
 /// Client role: relay an accepted local connection on `conn`, already open on `session`

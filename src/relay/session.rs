@@ -77,8 +77,6 @@ struct Frame {
 struct Shared {
     proto: Mutex<Box<dyn PortForwardProtocol>>,
     out: mpsc::UnboundedSender<Frame>,
-    /// The writer's end of `out`, until the writer task takes it.
-    out_rx: Mutex<Option<mpsc::UnboundedReceiver<Frame>>>,
     conns: Mutex<HashMap<ConnId, mpsc::Sender<Inbound>>>,
     budget: Arc<Semaphore>,
     dead: watch::Sender<Option<Arc<str>>>,
@@ -95,6 +93,12 @@ struct Shared {
     started: Instant,
     max_payload: usize,
     opts: SessionOptions,
+}
+
+/// The channel ends the tasks own, between [`Session::new`] and [`Session::spawn`].
+struct TaskEnds {
+    out_rx: mpsc::UnboundedReceiver<Frame>,
+    incoming_tx: mpsc::Sender<Incoming>,
 }
 
 /// A running upstream session. Cheap to clone; the tasks stop when it dies.
@@ -116,8 +120,8 @@ impl Session {
     where
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let (session, incoming_tx, incoming_rx) = Session::new(proto, opts);
-        session.spawn(io, prefix, incoming_tx);
+        let (session, ends, incoming_rx) = Session::new(proto, opts);
+        session.spawn(io, prefix, ends);
         (session, incoming_rx)
     }
 
@@ -135,23 +139,22 @@ impl Session {
     where
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let (session, incoming_tx, _) = Session::new(proto, opts);
+        let (session, ends, _) = Session::new(proto, opts);
         let (conn, inbound) = session.open(port)?;
-        session.spawn(io, prefix, incoming_tx);
+        session.spawn(io, prefix, ends);
         Ok((session, conn, inbound))
     }
 
     fn new(
         proto: Box<dyn PortForwardProtocol>,
         opts: SessionOptions,
-    ) -> (Session, mpsc::Sender<Incoming>, mpsc::Receiver<Incoming>) {
+    ) -> (Session, TaskEnds, mpsc::Receiver<Incoming>) {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (incoming_tx, incoming_rx) = mpsc::channel(64);
         let max_payload = proto.max_payload().min(super::READ_BUF);
         let shared = Arc::new(Shared {
             proto: Mutex::new(proto),
             out: out_tx,
-            out_rx: Mutex::new(Some(out_rx)),
             conns: Mutex::new(HashMap::new()),
             budget: Arc::new(Semaphore::new(SESSION_WRITE_BUDGET)),
             dead: watch::channel(None).0,
@@ -165,21 +168,22 @@ impl Session {
             opts,
         });
         COUNTERS.sessions_opened.fetch_add(1, Ordering::Relaxed);
-        (Session { shared }, incoming_tx, incoming_rx)
+        let ends = TaskEnds {
+            out_rx,
+            incoming_tx,
+        };
+        (Session { shared }, ends, incoming_rx)
     }
 
     /// The reader, the writer and the keepalive.
-    fn spawn<IO>(&self, io: IO, prefix: Bytes, incoming_tx: mpsc::Sender<Incoming>)
+    fn spawn<IO>(&self, io: IO, prefix: Bytes, ends: TaskEnds)
     where
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let out_rx = self
-            .shared
-            .out_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .expect("a session is spawned once");
+        let TaskEnds {
+            out_rx,
+            incoming_tx,
+        } = ends;
         let (rd, wr) = tokio::io::split(io);
         let s = self.clone();
         tokio::spawn(async move {
