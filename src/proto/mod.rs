@@ -89,6 +89,19 @@ pub trait PortForwardProtocol: Send {
 
     /// Queue a session end (GOAWAY / WebSocket close).
     fn goaway(&mut self);
+
+    /// Client role: how many more connections [`open`](Self::open) would accept now (the
+    /// session's concurrent-stream limit minus what is open, lingering half-closed streams
+    /// included). A caller picking among sessions skips one at zero instead of failing.
+    fn conn_capacity(&self) -> usize {
+        usize::MAX
+    }
+
+    /// Whether [`close_write`](Self::close_write) reaches the peer. WebSocket v4 has no
+    /// half-close on the wire: a relay must end such a connection itself.
+    fn half_close_on_wire(&self) -> bool {
+        true
+    }
 }
 
 /// Errors of the protocol layer. Session-fatal unless a method says otherwise.

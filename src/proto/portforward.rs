@@ -667,6 +667,14 @@ impl PortForwardProtocol for SpdyPortForward {
     fn goaway(&mut self) {
         self.session.goaway(goaway::OK);
     }
+
+    /// Each connection opens two streams.
+    fn conn_capacity(&self) -> usize {
+        if self.session.goaway_received() {
+            return 0;
+        }
+        self.session.streams_we_can_open() / 2
+    }
 }
 
 #[cfg(test)]

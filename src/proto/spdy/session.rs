@@ -207,6 +207,15 @@ impl Session {
         self.streams.len()
     }
 
+    /// Streams this side may still open before [`MAX_CONCURRENT_STREAMS`] (zero after a GOAWAY
+    /// either way).
+    pub fn streams_we_can_open(&self) -> usize {
+        if self.goaway_sent || self.goaway_received {
+            return 0;
+        }
+        MAX_CONCURRENT_STREAMS - self.ours_open
+    }
+
     /// The stream is still tracked: open in at least one direction and not reset.
     pub fn is_open(&self, id: StreamId) -> bool {
         self.streams.contains_key(&id)

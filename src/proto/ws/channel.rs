@@ -378,6 +378,15 @@ impl PortForwardProtocol for WsPortForward {
     fn goaway(&mut self) {
         let _ = self.codec.close(1000, "");
     }
+
+    /// The ports are fixed at the upgrade: no connection can be added.
+    fn conn_capacity(&self) -> usize {
+        0
+    }
+
+    fn half_close_on_wire(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
