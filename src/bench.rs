@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
 use crate::control::forward::{ForwardConfig, Forwarder, PortSpec, Upstream};
+use crate::control::pool::PoolOptions;
 use crate::control::upgrade::Protocol;
 use crate::relay::SessionOptions;
 use crate::serve;
@@ -501,6 +502,7 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
         fallback_to_spdy: false,
         addresses: vec![Ipv4Addr::LOCALHOST.into()],
         session: SessionOptions::default(),
+        pool: PoolOptions::default(),
     };
     let local: Vec<SocketAddr> = client_rt.block_on(async {
         let fwd: Arc<Forwarder> = Forwarder::new(cfg, &specs)

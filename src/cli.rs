@@ -13,6 +13,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::control::cluster::{Cluster, ClusterOptions, PortRequest, Target};
 use crate::control::forward::{ForwardConfig, Forwarder, PortSpec, Upstream};
+use crate::control::pool::{self, PoolOptions};
 use crate::control::upgrade::Protocol;
 use crate::relay::SessionOptions;
 use crate::{bench, parse_duration, serve};
@@ -104,6 +105,8 @@ struct PortForwardArgs {
     address: Vec<String>,
     #[command(flatten)]
     session: SessionArgs,
+    #[command(flatten)]
+    pool: PoolArgs,
     /// pod/NAME (or just NAME), svc/NAME, deploy/NAME, rs/NAME or sts/NAME.
     #[arg(value_name = "TYPE/NAME", required = true)]
     target: Option<String>,
@@ -158,6 +161,43 @@ struct SessionArgs {
     /// connections are reset and the next connection opens a new session.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     ping_timeout: Duration,
+    /// After a local client half-closes, hold its FIN back from a server that would cut the
+    /// reply short (kubelet, containerd) until the server has sent nothing for this long.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    half_close_quiet: Duration,
+    /// The longest a half-close is held back while the server keeps sending.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    half_close_hold: Duration,
+}
+
+/// How many upstream sessions one forward uses (SPDY and the tunnel; WebSocket v4 uses one per
+/// connection).
+#[derive(Args)]
+struct PoolArgs {
+    /// Most upstream sessions at once. Each connection gets a session to itself while its client
+    /// sends, so that one client that stops reading cannot freeze the others; past this bound
+    /// new connections share the least-used session instead (never refused).
+    #[arg(long, default_value_t = pool::DEFAULT_MAX_SESSIONS, value_parser = at_least_one, value_name = "N")]
+    max_sessions: usize,
+    /// Sessions kept set up ahead, so that a new connection does not wait for one.
+    #[arg(long, default_value_t = pool::DEFAULT_WARM_SESSIONS, value_name = "N")]
+    warm_sessions: usize,
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!("{s:?} is not a whole number of at least 1")),
+        Ok(n) => Ok(n),
+    }
+}
+
+impl PoolArgs {
+    fn options(&self) -> PoolOptions {
+        PoolOptions {
+            max_sessions: self.max_sessions,
+            warm_sessions: self.warm_sessions,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -177,6 +217,8 @@ struct ForwardArgs {
     address: Vec<String>,
     #[command(flatten)]
     session: SessionArgs,
+    #[command(flatten)]
+    pool: PoolArgs,
     /// [SANDBOX_ID] [LOCAL:]REMOTE ...
     #[arg(required = true)]
     args: Vec<String>,
@@ -216,6 +258,8 @@ fn session_opts(a: &SessionArgs) -> SessionOptions {
     SessionOptions {
         ping_interval: a.ping_interval,
         ping_timeout: a.ping_timeout,
+        half_close_quiet: a.half_close_quiet,
+        half_close_hold: a.half_close_hold,
         ..SessionOptions::default()
     }
 }
@@ -252,6 +296,7 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         fallback_to_spdy: false,
         addresses: listen_addresses(&a.address)?,
         session: session_opts(&a.session),
+        pool: a.pool.options(),
     };
     let fwd = Forwarder::new(cfg, &specs)
         .await
@@ -323,6 +368,7 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
         fallback_to_spdy,
         addresses,
         session: session_opts(&a.session),
+        pool: a.pool.options(),
     };
     let fwd = Forwarder::new(cfg, &resolved.ports)
         .await

@@ -1,8 +1,10 @@
 //! The forwarder: local listeners, and which upstream session each new connection rides on.
 //!
-//! SPDY multiplexes every connection onto one session; a session that died (or was retired
-//! because a failure on it may have wedged a kubelet-style server) is replaced on the next
-//! connection, with a fresh single-use URL from the runtime. WebSocket v4 fixes the ports at
+//! SPDY can carry every connection on one session, but the servers do no flow control, so one
+//! client that stops reading would freeze them all: connections take sessions from a pool
+//! ([`super::pool`]), one each while their clients send, set up ahead with a fresh single-use
+//! URL from the runtime each. A session that died (or was retired because a failure on it may
+//! have wedged a kubelet-style server) leaves the pool. WebSocket v4 fixes the ports at
 //! upgrade, so every connection gets its own session. A connection that fails is reset and
 //! logged; the forward itself keeps running.
 
@@ -12,16 +14,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 
 use super::ControlError;
 use super::cluster::Cluster;
 use super::cri::CriClient;
+use super::pool::{Pool, PoolOptions, SessionFactory};
 use super::upgrade::{Protocol, Upgraded, upgrade};
 use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
-use crate::relay::{ConnOutcome, Session, SessionOptions, relay_client_conn, relay_opened_conn};
+use crate::relay::{ConnOutcome, Session, SessionOptions, relay_opened_conn};
 
 /// Where sessions come from.
 #[derive(Debug, Clone)]
@@ -87,6 +90,8 @@ pub struct ForwardConfig {
     pub fallback_to_spdy: bool,
     pub addresses: Vec<IpAddr>,
     pub session: SessionOptions,
+    /// Sessions of a multiplexed protocol (SPDY, the tunnel): see [`super::pool`].
+    pub pool: PoolOptions,
 }
 
 /// A bound local port and where it forwards to.
@@ -96,49 +101,27 @@ pub struct Listener {
     pub remote: u16,
 }
 
-pub struct Forwarder {
+/// Sets up sessions: asks the runtime for a URL (or the API server for an upgrade), upgrades,
+/// and picks the protocol and options each session runs with.
+struct Connector {
     cfg: ForwardConfig,
     cri: Option<Mutex<CriClient>>,
     remote_ports: Vec<u16>,
     /// The protocol in use: the configured one, or SPDY after a fallback.
     protocol: std::sync::Mutex<Protocol>,
-    current: Mutex<Option<Session>>,
     sessions_started: AtomicU64,
-    sessions_retired: AtomicU64,
 }
 
-impl Forwarder {
-    /// Connect to the runtime and prove the target works by setting up a first session, so a
-    /// wrong sandbox or an unreachable endpoint fails here, with one line, not on first use.
-    pub async fn new(cfg: ForwardConfig, specs: &[PortSpec]) -> Result<Arc<Self>, ControlError> {
-        let cri = match &cfg.upstream {
-            Upstream::Cri { endpoint, .. } => Some(Mutex::new(CriClient::connect(endpoint).await?)),
-            Upstream::Url(_) | Upstream::Api { .. } => None,
-        };
-        let mut remote_ports: Vec<u16> = specs.iter().map(|s| s.remote).collect();
-        remote_ports.dedup();
-        let fwd = Arc::new(Forwarder {
-            protocol: std::sync::Mutex::new(cfg.protocol),
-            cfg,
-            cri,
-            remote_ports,
-            current: Mutex::new(None),
-            sessions_started: AtomicU64::new(0),
-            sessions_retired: AtomicU64::new(0),
-        });
-        if fwd.protocol().multiplexed() {
-            fwd.shared_session().await?;
-        } else if !matches!(fwd.cfg.upstream, Upstream::Api { .. }) {
-            // Each WebSocket connection gets its own session, and an upgrade already dials the
-            // target: only check that the runtime answers. (The API server was asked for the
-            // pod when the target was resolved.)
-            fwd.url(&fwd.remote_ports).await?;
-        }
-        Ok(fwd)
-    }
+pub struct Forwarder {
+    connector: Arc<Connector>,
+    /// Multiplexed protocols only; WebSocket v4 sets a session up per connection.
+    pool: Option<Pool>,
+    sessions_retired: AtomicU64,
+    stalls: watch::Receiver<usize>,
+}
 
-    /// The protocol sessions are opened with.
-    pub fn protocol(&self) -> Protocol {
+impl Connector {
+    fn protocol(&self) -> Protocol {
         *self.protocol.lock().expect("protocol lock")
     }
 
@@ -205,15 +188,68 @@ impl Forwarder {
         Ok((up, proto, opts))
     }
 
-    async fn new_session(&self, ports: &[u16]) -> Result<Session, ControlError> {
-        let (up, proto, opts) = self.prepare_session(ports).await?;
+    /// A session for every remote port of the forward (multiplexed protocols).
+    async fn new_session(self: Arc<Self>) -> Result<Session, ControlError> {
+        let (up, proto, opts) = self.prepare_session(&self.remote_ports).await?;
         let (session, _incoming) = Session::start(up.io, up.prefix, proto, opts);
         Ok(session)
+    }
+}
+
+impl Forwarder {
+    /// Connect to the runtime and prove the target works by setting up a first session, so a
+    /// wrong sandbox or an unreachable endpoint fails here, with one line, not on first use.
+    pub async fn new(
+        mut cfg: ForwardConfig,
+        specs: &[PortSpec],
+    ) -> Result<Arc<Self>, ControlError> {
+        let cri = match &cfg.upstream {
+            Upstream::Cri { endpoint, .. } => Some(Mutex::new(CriClient::connect(endpoint).await?)),
+            Upstream::Url(_) | Upstream::Api { .. } => None,
+        };
+        let mut remote_ports: Vec<u16> = specs.iter().map(|s| s.remote).collect();
+        remote_ports.sort_unstable();
+        remote_ports.dedup();
+        let (stalls_tx, stalls) = watch::channel(0);
+        cfg.session.stalls = Some(Arc::new(stalls_tx));
+        let connector = Arc::new(Connector {
+            protocol: std::sync::Mutex::new(cfg.protocol),
+            cfg,
+            cri,
+            remote_ports,
+            sessions_started: AtomicU64::new(0),
+        });
+        let pool = connector.protocol().multiplexed().then(|| {
+            let c = connector.clone();
+            let make: SessionFactory = Arc::new(move || Box::pin(c.clone().new_session()));
+            Pool::new(connector.cfg.pool, make)
+        });
+        match &pool {
+            Some(pool) => pool.start().await?,
+            // Each WebSocket connection gets its own session, and an upgrade already dials the
+            // target: only check that the runtime answers. (The API server was asked for the
+            // pod when the target was resolved.)
+            None if !matches!(connector.cfg.upstream, Upstream::Api { .. }) => {
+                connector.url(&connector.remote_ports).await?;
+            }
+            None => {}
+        }
+        Ok(Arc::new(Forwarder {
+            connector,
+            pool,
+            sessions_retired: AtomicU64::new(0),
+            stalls,
+        }))
+    }
+
+    /// The protocol sessions are opened with.
+    pub fn protocol(&self) -> Protocol {
+        self.connector.protocol()
     }
 
     /// Upstream sessions this forwarder has opened so far.
     pub fn sessions_started(&self) -> u64 {
-        self.sessions_started.load(Ordering::Relaxed)
+        self.connector.sessions_started.load(Ordering::Relaxed)
     }
 
     /// Sessions retired after a connection failure that could wedge a kubelet-style server.
@@ -221,21 +257,15 @@ impl Forwarder {
         self.sessions_retired.load(Ordering::Relaxed)
     }
 
-    /// The session new connections share (multiplexed protocols): the current one while it is
-    /// usable, else a new one.
-    pub async fn shared_session(&self) -> Result<Session, ControlError> {
-        let mut cur = self.current.lock().await;
-        if let Some(s) = cur.as_ref().filter(|s| s.is_usable()) {
-            return Ok(s.clone());
-        }
-        if let Some(old) = cur.take()
-            && let Some(why) = old.dead_reason()
-        {
-            tracing::warn!("upstream session lost ({why}); opening a new one");
-        }
-        let s = self.new_session(&self.remote_ports).await?;
-        *cur = Some(s.clone());
-        Ok(s)
+    /// The pooled sessions taking new connections (none for WebSocket v4).
+    pub fn sessions(&self) -> Vec<Session> {
+        self.pool.as_ref().map(Pool::sessions).unwrap_or_default()
+    }
+
+    /// How many of this forward's sessions are stalled right now: their reader waits for a
+    /// local client that does not read (see [`SessionOptions::stalls`]).
+    pub fn stalls(&self) -> watch::Receiver<usize> {
+        self.stalls.clone()
     }
 
     /// Bind every `spec` on every configured address. `:REMOTE` picks one free port and uses it
@@ -244,7 +274,7 @@ impl Forwarder {
         let mut out = Vec::new();
         for spec in specs {
             let mut local = spec.local;
-            for ip in &self.cfg.addresses {
+            for ip in &self.connector.cfg.addresses {
                 let addr = SocketAddr::new(*ip, local);
                 let tcp = TcpListener::bind(addr)
                     .await
@@ -287,30 +317,33 @@ impl Forwarder {
     /// Relay one accepted connection; returns how it ended.
     pub async fn handle(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) -> ConnOutcome {
         tracing::debug!("handling connection from {peer} for port {remote}");
-        let session_multiplexed = self.protocol().multiplexed();
-        let (session, outcome) = if session_multiplexed {
-            match self.shared_session().await {
-                Ok(s) => {
-                    let outcome = relay_client_conn(&s, tcp, remote).await;
+        let (session, outcome) = match &self.pool {
+            Some(pool) => match pool.checkout(remote).await {
+                Ok((lease, conn, inbound)) => {
+                    let s = lease.session().clone();
+                    let outcome = relay_opened_conn(&s, tcp, conn, inbound, lease).await;
                     (s, outcome)
                 }
                 Err(e) => return Self::no_session(tcp, peer, remote, e.to_string()),
-            }
-        } else {
-            // One session per connection, the connection open before the server can answer.
-            let started = match self.prepare_session(&[remote]).await {
-                Ok((up, proto, opts)) => {
-                    Session::start_with_conn(up.io, up.prefix, proto, opts, remote)
-                        .map_err(|e| e.to_string())
+            },
+            None => {
+                // One session per connection, the connection open before the server can
+                // answer.
+                let started = match self.connector.prepare_session(&[remote]).await {
+                    Ok((up, proto, opts)) => {
+                        Session::start_with_conn(up.io, up.prefix, proto, opts, remote)
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                match started {
+                    Ok((s, conn, inbound)) => {
+                        let outcome = relay_opened_conn(&s, tcp, conn, inbound, ()).await;
+                        s.close();
+                        (s, outcome)
+                    }
+                    Err(e) => return Self::no_session(tcp, peer, remote, e),
                 }
-                Err(e) => Err(e.to_string()),
-            };
-            match started {
-                Ok((s, conn, inbound)) => {
-                    let outcome = relay_opened_conn(&s, tcp, conn, inbound).await;
-                    (s, outcome)
-                }
-                Err(e) => return Self::no_session(tcp, peer, remote, e),
             }
         };
         match &outcome {
@@ -324,15 +357,12 @@ impl Forwarder {
                 // Data we sent for a connection the server has given up on can wedge one of
                 // containerd's frame workers, and then the whole session (fixed in containerd
                 // 1.6.22/1.7.3): send new connections to a fresh session, let this one drain.
-                if *sent > 0 && !session.forward_half_close() {
+                if *sent > 0 && !session.forward_half_close() && self.pool.is_some() {
                     session.retire();
                     self.sessions_retired.fetch_add(1, Ordering::Relaxed);
                 }
             }
             _ => tracing::warn!("connection from {peer} to port {remote} reset: {outcome}"),
-        }
-        if !session_multiplexed {
-            session.close();
         }
         outcome
     }

@@ -1,12 +1,13 @@
 //! Control plane: everything that happens before bytes flow and when a session must be replaced.
 //!
 //! Owns cluster access through the API server ([`cluster`]), the CRI client ([`cri`]), the HTTP upgrade to SPDY/3.1 or WebSocket ([`upgrade`]) and
-//! the forwarder ([`forward`]): local listeners, which session a new connection goes to, and
-//! when to ask for a new one. It never copies payload bytes: that is [`crate::relay`].
+//! the forwarder ([`forward`]): local listeners, and the session pool ([`pool`]): which session a
+//! new connection goes to, and when to set one up. It never copies payload bytes: that is [`crate::relay`].
 
 pub mod cluster;
 pub mod cri;
 pub mod forward;
+pub mod pool;
 pub mod upgrade;
 
 /// Response header by which `ringfwd serve` says it passes a half-close on to the target

@@ -6,9 +6,18 @@
 //! Anything that breaks the transfer (an error from the server, a reset, a dead session, a
 //! socket error) ends the local socket with a TCP reset, so a cut-short transfer can never look
 //! like a clean end of file.
+//!
+//! Half-close towards a server that does not pass it on (kubelet/containerd turn a client's
+//! FIN into a one-second kill timer; WebSocket v4 cannot carry it at all): the FIN is held only
+//! while the server is still sending. It goes out once the server's direction has been quiet
+//! for [`SessionOptions::half_close_quiet`](super::SessionOptions::half_close_quiet), at the
+//! server's end of file, or at the hold limit, whichever comes first. On v4 the same moment
+//! ends the connection: everything the server sent has arrived, so the local client gets a
+//! clean end of file.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,27 +76,21 @@ enum Side {
     Server,
 }
 
-/// Client role: relay an accepted local connection to `port` through `session`.
-pub async fn relay_client_conn(session: &Session, tcp: TcpStream, port: u16) -> ConnOutcome {
-    match session.open(port) {
-        Ok((conn, inbound)) => relay_opened_conn(session, tcp, conn, inbound).await,
-        Err(e) => {
-            let _ = tcp.set_zero_linger();
-            ConnOutcome::SessionLost(e.to_string())
-        }
-    }
-}
-
 /// Client role: relay an accepted local connection on `conn`, already open on `session`
-/// (see [`Session::start_with_conn`]).
-pub async fn relay_opened_conn(
+/// (see [`Session::open`] and [`Session::start_with_conn`]).
+///
+/// `busy` is dropped as soon as the local client has finished sending (or the connection has
+/// ended): from then on the connection only drains what the server still sends, and whoever
+/// handed out the session (the pool) may give it to another connection.
+pub async fn relay_opened_conn<B: Send>(
     session: &Session,
     tcp: TcpStream,
     conn: ConnId,
     inbound: mpsc::Receiver<Inbound>,
+    busy: B,
 ) -> ConnOutcome {
     COUNTERS.conns_opened.fetch_add(1, Relaxed);
-    relay(session, tcp, conn, inbound, Side::Client).await
+    relay(session, tcp, conn, inbound, Side::Client, busy).await
 }
 
 /// Server role: relay upstream connection `conn` to the dialled target `tcp`.
@@ -97,20 +100,31 @@ pub async fn relay_server_conn(
     conn: ConnId,
     inbound: mpsc::Receiver<Inbound>,
 ) -> ConnOutcome {
-    relay(session, tcp, conn, inbound, Side::Server).await
+    relay(session, tcp, conn, inbound, Side::Server, ()).await
 }
 
-async fn relay(
+/// Microseconds since `base`, for timestamps shared between the two halves.
+fn micros_since(base: Instant) -> u64 {
+    base.elapsed().as_micros() as u64
+}
+
+async fn relay<B: Send>(
     session: &Session,
     mut tcp: TcpStream,
     conn: ConnId,
     mut inbound: mpsc::Receiver<Inbound>,
     side: Side,
+    busy: B,
 ) -> ConnOutcome {
     let _ = tcp.set_nodelay(true);
     // A client-side FIN is held back from servers that would turn it into a 1 s kill timer
-    // (see SessionOptions::forward_half_close).
-    let hold_fin = side == Side::Client && !session.forward_half_close();
+    // (see SessionOptions::forward_half_close), and from protocols that cannot carry it.
+    let wire_half_close = session.half_close_on_wire();
+    let hold_fin = side == Side::Client && (!session.forward_half_close() || !wire_half_close);
+    let base = Instant::now();
+    // When the server's direction last delivered anything (µs since `base`).
+    let last_down = AtomicU64::new(0);
+    let mut busy = Some(busy);
     let up_done = AtomicBool::new(false);
     let eof_seen = AtomicBool::new(false);
     // Local bytes read but not yet handed to the session.
@@ -133,17 +147,17 @@ async fn relay(
                     .await
                     .map_err(ConnOutcome::Local)?;
                 if n == 0 {
+                    drop(busy.take());
                     if hold_fin && !eof_seen.load(Relaxed) {
-                        // Hold the FIN until the server has finished its direction, but not
-                        // forever: a client that closed completely looks the same as one that
-                        // half-closed, and its stream must not linger.
-                        tokio::select! {
-                            _ = eof_notify.notified() => {}
-                            _ = tokio::time::sleep(session.half_close_hold()) => {}
-                        }
+                        hold_while_sending(session, base, &last_down, &eof_notify).await;
+                    }
+                    if !wire_half_close && side == Side::Client {
+                        // Nothing can carry the half-close: the server has gone quiet (or
+                        // ended), so the connection is over.
+                        return Ok::<bool, ConnOutcome>(true);
                     }
                     session.close_write(conn).map_err(ConnOutcome::Upstream)?;
-                    return Ok::<(), ConnOutcome>(());
+                    return Ok(false);
                 }
                 up_bytes.fetch_add(n as u64, Relaxed);
                 up_pending.store(true, Relaxed);
@@ -158,6 +172,7 @@ async fn relay(
             while let Some(msg) = inbound.recv().await {
                 match msg {
                     Inbound::Data(b) => {
+                        last_down.store(micros_since(base), Relaxed);
                         wr.write_all(&b).await.map_err(ConnOutcome::Local)?;
                         down_bytes.fetch_add(b.len() as u64, Relaxed);
                     }
@@ -191,9 +206,9 @@ async fn relay(
         loop {
             tokio::select! {
                 r = &mut up, if !up_done.load(Relaxed) => match r {
-                    Ok(()) => {
+                    Ok(over) => {
                         up_done.store(true, Relaxed);
-                        if eof_seen.load(Relaxed) {
+                        if over || eof_seen.load(Relaxed) {
                             break Ok(());
                         }
                     }
@@ -205,6 +220,8 @@ async fn relay(
             }
         }
     };
+
+    drop(busy);
 
     // The peer finished its direction and then ended the whole session in order (a WebSocket
     // server closes once its targets are done; there is no half-close in v4.channel.k8s.io).
@@ -244,6 +261,27 @@ async fn relay(
             // Never a clean FIN for a broken transfer: SO_LINGER 0 makes close send RST.
             let _ = tcp.set_zero_linger();
             e
+        }
+    }
+}
+
+/// A local client has half-closed: wait until the server's direction has been quiet for
+/// `half_close_quiet` (a reply still streaming keeps the FIN back), until the server ends its
+/// direction, or until `half_close_hold` has passed since the client's FIN, whichever is first.
+/// A client that closed completely looks the same as one that half-closed, so this must end.
+async fn hold_while_sending(session: &Session, base: Instant, last_down: &AtomicU64, eof: &Notify) {
+    let fin_at = Instant::now();
+    let limit = fin_at + session.half_close_hold();
+    let quiet = session.half_close_quiet();
+    loop {
+        let last = base + Duration::from_micros(last_down.load(Relaxed));
+        let until = (last.max(fin_at) + quiet).min(limit);
+        if Instant::now() >= until {
+            return;
+        }
+        tokio::select! {
+            _ = eof.notified() => return,
+            _ = tokio::time::sleep_until(until.into()) => {}
         }
     }
 }

@@ -18,8 +18,8 @@ pub mod tunnel;
 
 use std::time::Duration;
 
-pub use conn::{ConnOutcome, relay_client_conn, relay_opened_conn, relay_server_conn};
-pub use session::{Incoming, Session, SessionOptions};
+pub use conn::{ConnOutcome, relay_opened_conn, relay_server_conn};
+pub use session::{Inbound, Incoming, Session, SessionOptions};
 pub use tunnel::TunnelIo;
 
 /// An upstream byte stream: a plain TCP socket from a stream server, or an upgraded (TLS, maybe
@@ -47,9 +47,13 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Default time without any byte from upstream after which a session is declared dead.
 pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Default for [`SessionOptions::half_close_hold`]: replies that take up to this long after a
-/// client's half-close still arrive whole through kubelet/containerd (which allow one second).
+/// Default for [`SessionOptions::half_close_hold`]: the longest a half-close is held back while
+/// the server keeps sending (kubelet/containerd close the connection one second after it).
 pub const DEFAULT_HALF_CLOSE_HOLD: Duration = Duration::from_secs(30);
+
+/// Default for [`SessionOptions::half_close_quiet`]: a held half-close goes out once the
+/// server has sent nothing for this long (kubectl ends such a connection after one second).
+pub const DEFAULT_HALF_CLOSE_QUIET: Duration = Duration::from_secs(1);
 
 /// How long a session we closed keeps reading (and discarding) for the peer's own close, so
 /// that our last bytes reach it instead of being cut off by a TCP reset.

@@ -40,6 +40,13 @@ pub struct SessionOptions {
     pub forward_half_close: bool,
     /// With `forward_half_close` off, the longest a local half-close is held back.
     pub half_close_hold: Duration,
+    /// With `forward_half_close` off, a held half-close goes out once the server's direction
+    /// has been quiet this long (the server is done replying).
+    pub half_close_quiet: Duration,
+    /// Counts this session's reader while it waits for a slow local client (the only brake
+    /// on a server that does no flow control). Shared by the sessions of one forward, so
+    /// the forward (and tests) can see a stall happen.
+    pub stalls: Option<Arc<watch::Sender<usize>>>,
 }
 
 impl Default for SessionOptions {
@@ -49,6 +56,8 @@ impl Default for SessionOptions {
             ping_timeout: super::DEFAULT_PING_TIMEOUT,
             forward_half_close: false,
             half_close_hold: super::DEFAULT_HALF_CLOSE_HOLD,
+            half_close_quiet: super::DEFAULT_HALF_CLOSE_QUIET,
+            stalls: None,
         }
     }
 }
@@ -275,6 +284,35 @@ impl Session {
         self.shared.opts.half_close_hold
     }
 
+    pub fn half_close_quiet(&self) -> Duration {
+        self.shared.opts.half_close_quiet
+    }
+
+    /// Whether a half-close reaches the server (not on WebSocket v4).
+    pub fn half_close_on_wire(&self) -> bool {
+        self.proto().half_close_on_wire()
+    }
+
+    /// Connections [`open`](Self::open) would still accept: zero once the session is dead or
+    /// retired, or at its stream limit.
+    pub fn conn_capacity(&self) -> usize {
+        if !self.is_usable() {
+            return 0;
+        }
+        self.proto().conn_capacity()
+    }
+
+    /// The reader is waiting for a slow local client: every other connection of this session
+    /// waits with it.
+    pub fn is_stalled(&self) -> bool {
+        self.shared.reader_blocked.load(Ordering::Relaxed)
+    }
+
+    /// The same session (not just the same kind).
+    pub fn same(&self, other: &Session) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Largest payload per frame for this session.
     pub fn max_payload(&self) -> usize {
         self.shared.max_payload
@@ -475,7 +513,14 @@ impl Session {
         // The local client is slower than upstream; the peer does no flow control, so the only
         // brake is to stop reading the session until this connection catches up.
         self.shared.reader_blocked.store(true, Ordering::Relaxed);
+        let stalls = self.shared.opts.stalls.as_ref();
+        if let Some(w) = stalls {
+            w.send_modify(|n| *n += 1);
+        }
         let res = tx.send(msg).await;
+        if let Some(w) = stalls {
+            w.send_modify(|n| *n -= 1);
+        }
         self.shared.reader_blocked.store(false, Ordering::Relaxed);
         self.shared
             .last_rx_ms

@@ -1,0 +1,445 @@
+//! The session pool of one forward: which upstream session a new connection rides on.
+//!
+//! The servers we talk to do no flow control (kubelet, containerd and the API server all use
+//! moby/spdystream, which never sends WINDOW_UPDATE). The only brake on one connection whose
+//! local client stops reading is to stop reading its whole session, which freezes every other
+//! connection on it. So, as an HTTP/1.1 client pool does for a protocol without per-request
+//! flow control, a connection checks a session out for itself while its client is sending, and
+//! sessions are set up ahead so that a new connection does not wait for one:
+//!
+//! - a new connection takes an **idle** session (no connection checked out on it, reader not
+//!   stalled, below its stream limit), the one with the fewest lingering connections;
+//! - with none idle and fewer than `max_sessions` sessions, it gets a **new** one;
+//! - at the bound it **shares** the least-used session that is not stalled (and, if all are,
+//!   the least-used one): it never fails for want of a session, but it can then be slowed by
+//!   a neighbour, as every connection is with kubectl;
+//! - a connection gives its session back once its local client has finished sending (the
+//!   relay drops the [`Lease`]); what the server still sends drains on the same session;
+//! - after each checkout the pool sets sessions up in the background until `warm_sessions`
+//!   are idle again; idle sessions beyond twice that are closed once they have been idle for
+//!   [`IDLE_EXPIRY`] (so a burst does not set up and tear down sessions over and over);
+//! - a session that dies, or is retired, leaves the pool at once.
+//!
+//! The choice itself is [`pick`], a pure function over what the pool knows of each session.
+//! This module owns the pool's bookkeeping only: setting a session up is the forwarder's
+//! (through the `SessionFactory` it hands in), relaying is [`crate::relay`]'s.
+
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use tokio::sync::{Notify, mpsc};
+
+use super::ControlError;
+use crate::proto::ConnId;
+use crate::relay::{Inbound, Session};
+
+/// Default for [`PoolOptions::max_sessions`].
+pub const DEFAULT_MAX_SESSIONS: usize = 32;
+/// Default for [`PoolOptions::warm_sessions`].
+pub const DEFAULT_WARM_SESSIONS: usize = 2;
+
+/// Idle sessions beyond the reserve are closed after this long unused.
+pub const IDLE_EXPIRY: Duration = Duration::from_secs(10);
+
+/// Limits of one forward's pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolOptions {
+    /// Most upstream sessions at once. At the bound connections share sessions.
+    pub max_sessions: usize,
+    /// Idle sessions kept ready for new connections (0: set one up per connection on demand).
+    pub warm_sessions: usize,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            warm_sessions: DEFAULT_WARM_SESSIONS,
+        }
+    }
+}
+
+impl PoolOptions {
+    /// Idle sessions kept when connections give theirs back.
+    fn max_idle(&self) -> usize {
+        (2 * self.warm_sessions).max(1)
+    }
+}
+
+/// What the pool knows of one session when it picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotView {
+    /// Connections that have it checked out (their clients still sending).
+    pub users: usize,
+    /// More connections it can open (its stream limit).
+    pub capacity: usize,
+    /// Its reader waits for a slow local client.
+    pub stalled: bool,
+    /// Connections still open on it, draining ones included.
+    pub conns: usize,
+}
+
+/// Where a new connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// An idle session, to itself.
+    Idle(usize),
+    /// A new session.
+    Create,
+    /// At the bound: an existing session, shared.
+    Share(usize),
+    /// Every session is at its stream limit and no more may be set up: wait for one to free.
+    Wait,
+}
+
+/// The pool's choice for a new connection; see the module docs for the order.
+pub fn pick(slots: &[SlotView], creating: usize, max_sessions: usize) -> Pick {
+    let idle = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.users == 0 && !s.stalled && s.capacity > 0)
+        .min_by_key(|(_, s)| s.conns);
+    if let Some((i, _)) = idle {
+        return Pick::Idle(i);
+    }
+    if slots.len() + creating < max_sessions.max(1) {
+        return Pick::Create;
+    }
+    let least_used = |stalled_ok: bool| {
+        slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.capacity > 0 && (stalled_ok || !s.stalled))
+            .min_by_key(|(_, s)| (s.users, s.conns))
+            .map(|(i, _)| i)
+    };
+    match least_used(false).or_else(|| least_used(true)) {
+        Some(i) => Pick::Share(i),
+        None => Pick::Wait,
+    }
+}
+
+/// Sets up one new session.
+pub type SessionFactory =
+    Arc<dyn Fn() -> BoxFuture<'static, Result<Session, ControlError>> + Send + Sync>;
+
+struct Slot {
+    session: Session,
+    users: usize,
+    /// When the last user gave it back.
+    idle_since: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    slots: Vec<Slot>,
+    /// Sessions being set up (for checkouts and for the warm reserve).
+    creating: usize,
+}
+
+struct Inner {
+    opts: PoolOptions,
+    make: SessionFactory,
+    state: Mutex<State>,
+    /// A session was added, given back or lost: checkouts waiting at [`Pick::Wait`] retry.
+    changed: Notify,
+}
+
+/// The pool; cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+/// One connection's hold on its session. Dropping it gives the session back to the pool.
+pub struct Lease {
+    pool: Arc<Inner>,
+    session: Session,
+}
+
+impl Lease {
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut st = self.pool.lock();
+        let Some(i) = st.slots.iter().position(|s| s.session.same(&self.session)) else {
+            return;
+        };
+        st.slots[i].users -= 1;
+        if st.slots[i].users == 0 {
+            st.slots[i].idle_since = Instant::now();
+        }
+        drop(st);
+        self.pool.changed.notify_waiters();
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Close idle sessions beyond the reserve that have not been used for [`IDLE_EXPIRY`]; the
+    /// reserve keeps those with the fewest lingering connections.
+    fn expire_idle(&self, now: Instant) {
+        let mut st = self.lock();
+        let mut idle: Vec<usize> = (0..st.slots.len())
+            .filter(|&i| st.slots[i].users == 0)
+            .collect();
+        idle.sort_by_key(|&i| st.slots[i].session.active_conns());
+        let mut expired: Vec<usize> = idle
+            .into_iter()
+            .skip(self.opts.max_idle())
+            .filter(|&i| now.duration_since(st.slots[i].idle_since) >= IDLE_EXPIRY)
+            .collect();
+        expired.sort_unstable_by(|a, b| b.cmp(a));
+        for i in expired {
+            // Ends once its draining connections are done.
+            st.slots.remove(i).session.retire();
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(opts: PoolOptions, make: SessionFactory) -> Pool {
+        Pool {
+            inner: Arc::new(Inner {
+                opts,
+                make,
+                state: Mutex::new(State::default()),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn options(&self) -> PoolOptions {
+        self.inner.opts
+    }
+
+    /// Set up the first session now (so a wrong target fails at start, with its error) and
+    /// the rest of the warm reserve in the background.
+    pub async fn start(&self) -> Result<(), ControlError> {
+        let s = (self.inner.make)().await?;
+        self.add(s, 0);
+        self.refill();
+        let pool: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_EXPIRY / 2);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match pool.upgrade() {
+                    Some(p) => p.expire_idle(Instant::now()),
+                    None => return,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Sessions in the pool (alive and taking connections).
+    pub fn sessions(&self) -> Vec<Session> {
+        self.prune();
+        self.inner
+            .lock()
+            .slots
+            .iter()
+            .map(|s| s.session.clone())
+            .collect()
+    }
+
+    /// Open a connection to `port` on a session picked for it; see the module docs.
+    pub async fn checkout(
+        &self,
+        port: u16,
+    ) -> Result<(Lease, ConnId, mpsc::Receiver<Inbound>), ControlError> {
+        loop {
+            let changed = self.inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            self.prune();
+            let choice = {
+                let mut st = self.inner.lock();
+                let views: Vec<SlotView> = st
+                    .slots
+                    .iter()
+                    .map(|s| SlotView {
+                        users: s.users,
+                        capacity: s.session.conn_capacity(),
+                        stalled: s.session.is_stalled(),
+                        conns: s.session.active_conns(),
+                    })
+                    .collect();
+                let choice = pick(&views, st.creating, self.inner.opts.max_sessions);
+                match choice {
+                    Pick::Idle(i) | Pick::Share(i) => match st.slots[i].session.open(port) {
+                        Ok((conn, inbound)) => {
+                            st.slots[i].users += 1;
+                            let lease = Lease {
+                                pool: self.inner.clone(),
+                                session: st.slots[i].session.clone(),
+                            };
+                            drop(st);
+                            self.refill();
+                            return Ok((lease, conn, inbound));
+                        }
+                        Err(e) => {
+                            // Lost between the look and the open: it leaves the pool.
+                            tracing::debug!("session refused a new connection: {e}");
+                            st.slots.remove(i).session.retire();
+                            continue;
+                        }
+                    },
+                    Pick::Create => st.creating += 1,
+                    Pick::Wait => {}
+                }
+                choice
+            };
+            match choice {
+                Pick::Create => {
+                    let made = (self.inner.make)().await;
+                    self.inner.lock().creating -= 1;
+                    let session = made?;
+                    let (conn, inbound) = session.open(port)?;
+                    self.add(session.clone(), 1);
+                    let lease = Lease {
+                        pool: self.inner.clone(),
+                        session,
+                    };
+                    self.refill();
+                    return Ok((lease, conn, inbound));
+                }
+                Pick::Wait => changed.await,
+                Pick::Idle(_) | Pick::Share(_) => unreachable!("handled above"),
+            }
+        }
+    }
+
+    fn add(&self, session: Session, users: usize) {
+        self.inner.lock().slots.push(Slot {
+            session: session.clone(),
+            users,
+            idle_since: Instant::now(),
+        });
+        // Leave the pool when it dies, so that the reserve is made good at once.
+        let pool = Arc::downgrade(&self.inner);
+        let mut dead = session.watch_dead();
+        tokio::spawn(async move {
+            let _ = dead.wait_for(|d| d.is_some()).await;
+            if let Some(inner) = pool.upgrade() {
+                let pool = Pool { inner };
+                pool.prune();
+                pool.refill();
+                pool.inner.changed.notify_waiters();
+            }
+        });
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Drop sessions that died or were retired (their connections go on without the pool).
+    fn prune(&self) {
+        self.inner.lock().slots.retain(|s| s.session.is_usable());
+    }
+
+    /// Start setting up sessions until `warm_sessions` are idle or being set up.
+    fn refill(&self) {
+        let opts = self.inner.opts;
+        let mut st = self.inner.lock();
+        let idle = st
+            .slots
+            .iter()
+            .filter(|s| s.users == 0 && s.session.is_usable() && !s.session.is_stalled())
+            .count();
+        let mut want = opts.warm_sessions.saturating_sub(idle + st.creating);
+        while want > 0 && st.slots.len() + st.creating < opts.max_sessions {
+            st.creating += 1;
+            want -= 1;
+            let pool = self.clone();
+            tokio::spawn(async move {
+                let made = (pool.inner.make)().await;
+                pool.inner.lock().creating -= 1;
+                match made {
+                    Ok(s) => pool.add(s, 0),
+                    // The next connection tries again (and reports the error to its client).
+                    Err(e) => {
+                        tracing::debug!("setting up a spare session failed: {e}");
+                        pool.inner.changed.notify_waiters();
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(users: usize, capacity: usize, stalled: bool, conns: usize) -> SlotView {
+        SlotView {
+            users,
+            capacity,
+            stalled,
+            conns,
+        }
+    }
+
+    #[test]
+    fn an_idle_session_comes_first_the_least_lingering_one() {
+        let slots = [
+            slot(1, 9, false, 1),
+            slot(0, 9, false, 5),
+            slot(0, 9, false, 2),
+        ];
+        assert_eq!(pick(&slots, 0, 8), Pick::Idle(2));
+    }
+
+    #[test]
+    fn a_stalled_or_full_idle_session_is_skipped() {
+        let slots = [slot(0, 9, true, 1), slot(0, 0, false, 2048)];
+        assert_eq!(pick(&slots, 0, 8), Pick::Create);
+    }
+
+    #[test]
+    fn busy_sessions_mean_a_new_one_below_the_bound() {
+        let slots = [slot(1, 9, false, 1), slot(2, 9, false, 2)];
+        assert_eq!(pick(&slots, 0, 3), Pick::Create);
+        // Sessions already being set up count against the bound.
+        assert_eq!(pick(&slots, 1, 3), Pick::Share(0));
+    }
+
+    #[test]
+    fn at_the_bound_share_the_least_used_session_that_is_not_stalled() {
+        let slots = [
+            slot(1, 9, true, 1),
+            slot(3, 9, false, 3),
+            slot(2, 9, false, 9),
+        ];
+        assert_eq!(pick(&slots, 0, 3), Pick::Share(2));
+        // All stalled: still never fail.
+        let slots = [slot(2, 9, true, 2), slot(1, 9, true, 1)];
+        assert_eq!(pick(&slots, 0, 2), Pick::Share(1));
+    }
+
+    #[test]
+    fn a_session_at_its_stream_limit_takes_no_connection() {
+        let slots = [slot(0, 0, false, 2048), slot(5, 1, false, 5)];
+        assert_eq!(pick(&slots, 0, 2), Pick::Share(1));
+        let slots = [slot(0, 0, false, 2048), slot(5, 0, false, 2048)];
+        assert_eq!(pick(&slots, 0, 2), Pick::Wait);
+        assert_eq!(pick(&slots, 0, 3), Pick::Create);
+    }
+
+    #[test]
+    fn no_sessions_yet() {
+        assert_eq!(pick(&[], 0, 1), Pick::Create);
+        assert_eq!(pick(&[], 1, 1), Pick::Wait);
+        // A bound of zero is taken as one.
+        assert_eq!(pick(&[], 0, 0), Pick::Create);
+    }
+}

@@ -1,0 +1,265 @@
+//! Isolation and honest endings: one connection's trouble stays with that connection.
+//!
+//! - a local client that stops reading a download must not freeze the others (the servers do
+//!   no flow control, so it may only stall the session it has to itself);
+//! - connection churn (10,000 short connections one after another, 1,000 at once) never
+//!   fails a connection, and leaves the process's open files and memory where they were;
+//! - a client that half-closes gets its end of file within seconds, not after the 30 s hold;
+//! - a reply that keeps streaming for 5 s after the client's half-close arrives whole.
+
+use super::*;
+
+/// Target: send stream bytes until the connection breaks.
+async fn endless_source(l: TcpListener) {
+    while let Ok((mut s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; CHUNK];
+            Stream(11).fill(&mut buf);
+            while s.write_all(&buf).await.is_ok() {}
+        });
+    }
+}
+
+/// Target: a count-prefixed request, then sha256(request) and `chunks` stream chunks of 64 KiB
+/// `gap` apart (a reply that keeps coming after the client's half-close), then close.
+async fn streaming_reply(l: TcpListener, chunks: usize, gap: Duration) {
+    while let Ok((mut s, _)) = l.accept().await {
+        tokio::spawn(async move {
+            let n = s.read_u64_le().await.unwrap();
+            let mut req = vec![0u8; n as usize];
+            s.read_exact(&mut req).await.unwrap();
+            s.write_all(&Sha256::digest(&req)).await.unwrap();
+            let mut stream = Stream(13);
+            let mut chunk = vec![0u8; 64 * 1024];
+            for _ in 0..chunks {
+                // The target's own pace, not synchronisation: it is what the test is about.
+                tokio::time::sleep(gap).await;
+                stream.fill(&mut chunk);
+                s.write_all(&chunk).await.unwrap();
+            }
+            s.shutdown().await.unwrap();
+        });
+    }
+}
+
+/// A 1-byte echo round trip on `s`, bounded so that a frozen forward fails instead of hanging.
+async fn ping_echo(s: &mut TcpStream, what: &str) -> Result<(), Failed> {
+    let round = async {
+        s.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await?;
+        Ok::<_, std::io::Error>(b[0])
+    };
+    match tokio::time::timeout(Duration::from_secs(5), round).await {
+        Ok(Ok(b'x')) => Ok(()),
+        Ok(Ok(b)) => Err(format!("{what}: echo answered {b:?}").into()),
+        Ok(Err(e)) => Err(format!("{what}: {e}").into()),
+        Err(_) => Err(format!("{what}: no echo within 5 s: the forward is frozen").into()),
+    }
+}
+
+/// One client stops reading a download. An echo connection opened before and one opened
+/// after both keep answering.
+pub async fn stalled_reader(env: Env, protocol: Protocol) -> Result<(), Failed> {
+    let ls = env.bind();
+    let source = ls.local_addr()?.port();
+    tokio::spawn(endless_source(ls));
+    let le = env.bind();
+    let echo_port = le.local_addr()?.port();
+    tokio::spawn(echo(le));
+    let (fwd, addrs, _) = env.forward(protocol, &[source, echo_port]).await;
+
+    let mut before = TcpStream::connect(addrs[1]).await?;
+    ping_echo(&mut before, "echo opened before the stall").await?;
+
+    let mut stalled = TcpStream::connect(addrs[0]).await?;
+    let mut first = [0u8; 1];
+    stalled.read_exact(&mut first).await?;
+    // The download fills the client's socket and the connection's queue; then the session's
+    // reader has to wait. That wait is what must not spread.
+    let mut stalls = fwd.stalls();
+    tokio::time::timeout(Duration::from_secs(60), stalls.wait_for(|n| *n > 0))
+        .await
+        .map_err(|_| "the reader never stalled: the download did not fill the queues")??;
+
+    ping_echo(&mut before, "echo opened before the stall").await?;
+    let mut after = TcpStream::connect(addrs[1]).await?;
+    ping_echo(&mut after, "echo opened during the stall").await?;
+    for i in 0..20 {
+        ping_echo(&mut before, &format!("echo round {i} during the stall")).await?;
+    }
+    check(*stalls.borrow() > 0, || "the stall ended by itself".into())?;
+    drop(stalled);
+    Ok(())
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Connect, 2-byte echo, close.
+async fn short_conn(addr: SocketAddr, i: u32) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connection {i}: connect: {e}"))?;
+    let msg = (i as u16).to_le_bytes();
+    s.write_all(&msg)
+        .await
+        .map_err(|e| format!("connection {i}: send: {e}"))?;
+    let mut back = [0u8; 2];
+    s.read_exact(&mut back)
+        .await
+        .map_err(|e| format!("connection {i}: receive: {e}"))?;
+    if back != msg {
+        return Err(format!("connection {i}: echo differs"));
+    }
+    Ok(())
+}
+
+/// 10,000 short connections one after another, then 1,000 at once: every one works, and once
+/// they have all ended the process holds about the open files and memory it held before.
+pub async fn churn(env: Env, protocol: Protocol) -> Result<(), Failed> {
+    const SEQUENTIAL: u32 = 10_000;
+    const CONCURRENT: u32 = 1_000;
+    let le = env.bind();
+    let port = le.local_addr()?.port();
+    tokio::spawn(echo(le));
+    let (fwd, addrs, mut outcomes) = env.forward(protocol, &[port]).await;
+    // Warm up once, so that lazily made things (the runtime's threads, the first session, the
+    // allocator's arenas) count as "before".
+    short_conn(addrs[0], 0).await?;
+    outcomes.recv().await;
+    let (fds_before, rss_before) = (open_fds(), rss_kib());
+
+    for i in 1..=SEQUENTIAL {
+        short_conn(addrs[0], i).await?;
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..CONCURRENT {
+        let addr = addrs[0];
+        set.spawn(async move { short_conn(addr, SEQUENTIAL + 1 + i).await });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    // Every connection has ended on the forwarder's side too (half-closes released, streams
+    // closed), and none ended badly.
+    let mut bad = Vec::new();
+    for _ in 0..SEQUENTIAL + CONCURRENT {
+        match outcomes.recv().await {
+            Some(o) if o.is_clean() => {}
+            Some(o) => bad.push(o.to_string()),
+            None => return Err("the forwarder stopped reporting connections".into()),
+        }
+    }
+    check(bad.is_empty(), || {
+        format!(
+            "{} connections ended badly, first: {:?}",
+            bad.len(),
+            bad.first()
+        )
+    })?;
+    let max = fwd_max_sessions();
+    check(fwd.sessions_started() <= 2 * max as u64 + 4, || {
+        format!(
+            "{} sessions set up for {} connections (at most {max} at once)",
+            fwd.sessions_started(),
+            SEQUENTIAL + CONCURRENT
+        )
+    })?;
+    // Sessions the burst set up stay pooled (up to the bound) until they have been idle for a
+    // while: each holds a socket here and, with `ringfwd serve` in this process, its other end.
+    // Connections hold nothing any more.
+    let (fds_after, rss_after) = (open_fds(), rss_kib());
+    check(fds_after <= fds_before + 2 * max + 8, || {
+        format!("open files: {fds_before} before, {fds_after} after")
+    })?;
+    check(rss_after <= rss_before + 96 * 1024, || {
+        format!("resident memory: {rss_before} KiB before, {rss_after} KiB after")
+    })?;
+    eprintln!(
+        "{}: churn: {} sessions; open files {fds_before} -> {fds_after}; RSS {rss_before} -> {rss_after} KiB",
+        env.name,
+        fwd.sessions_started()
+    );
+    Ok(())
+}
+
+fn fwd_max_sessions() -> usize {
+    ringfwd::control::pool::DEFAULT_MAX_SESSIONS
+}
+
+/// An echo client sends, half-closes and reads to the end: the end of file comes within 3 s of
+/// the last byte (the server's direction goes quiet, so the held FIN is released).
+pub async fn half_close_echo_ends(env: Env, protocol: Protocol) -> Result<(), Failed> {
+    let le = env.bind();
+    let port = le.local_addr()?.port();
+    tokio::spawn(echo(le));
+    let (_fwd, addrs, _) = env.forward(protocol, &[port]).await;
+    let mut s = TcpStream::connect(addrs[0]).await?;
+    let mut req = vec![0u8; 100_000];
+    Stream(5).fill(&mut req);
+    s.write_all(&req).await?;
+    s.shutdown().await?;
+    let mut back = vec![0u8; req.len()];
+    s.read_exact(&mut back).await?;
+    check(back == req, || "echo after half-close differs".into())?;
+    let last_byte = std::time::Instant::now();
+    let mut rest = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => return Err(format!("{n} bytes after the echo").into()),
+        Ok(Err(e)) => return Err(format!("after the echo: {e}, want an end of file").into()),
+        Err(_) => return Err("no end of file within 3 s of the last byte".into()),
+    }
+    eprintln!(
+        "{}: end of file {:.2} s after the last byte",
+        env.name,
+        last_byte.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The target keeps streaming its reply for 5 s after the client's half-close (kubectl cuts
+/// such a reply off after 1 s): all of it arrives, then the end of file.
+pub async fn half_close_streaming_reply(env: Env, protocol: Protocol) -> Result<(), Failed> {
+    const CHUNKS: usize = 50;
+    let l = env.bind();
+    let port = l.local_addr()?.port();
+    tokio::spawn(streaming_reply(l, CHUNKS, Duration::from_millis(100)));
+    let (_fwd, addrs, _) = env.forward(protocol, &[port]).await;
+    let mut s = TcpStream::connect(addrs[0]).await?;
+    let mut req = vec![0u8; 300_000];
+    Stream(3).fill(&mut req);
+    s.write_u64_le(req.len() as u64).await?;
+    s.write_all(&req).await?;
+    s.shutdown().await?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).await?;
+    let mut want = Sha256::digest(&req).to_vec();
+    let mut stream = Stream(13);
+    let mut chunk = vec![0u8; 64 * 1024];
+    for _ in 0..CHUNKS {
+        stream.fill(&mut chunk);
+        want.extend_from_slice(&chunk);
+    }
+    check(reply.len() == want.len(), || {
+        format!(
+            "reply streamed after half-close: {} bytes, want {}",
+            reply.len(),
+            want.len()
+        )
+    })?;
+    check(reply == want, || {
+        "reply streamed after half-close differs".into()
+    })
+}
