@@ -770,11 +770,21 @@ fn hold_sandbox_for_manual_use(
         })?;
         let port = l.local_addr()?.port();
         rt.spawn(echo(l));
+        let ls = rt.block_on(async {
+            let l = ringfwd::serve::listen_in_netns(&netns)?;
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)
+        })?;
+        let source = ls.local_addr()?.port();
+        rt.spawn(isolation::endless_source(ls));
         println!(
             "\ncontainerd is up. In another shell:\n  ringfwd forward --runtime-endpoint {ep} {sandbox} :{port}\n\
              and talk to the printed local port (an echo server in the pod).\n\
-             Press Enter here to tear down."
+             Press Enter here to tear down.\n\
+             HOLD endpoint={ep} sandbox={sandbox} netns={} echo={port} source={source}",
+            netns.display()
         );
+        std::io::Write::flush(&mut std::io::stdout())?;
         let mut line = String::new();
         std::io::stdin().read_line(&mut line)?;
         Ok(())

@@ -9,8 +9,8 @@
 
 use super::*;
 
-/// Target: send stream bytes until the connection breaks.
-async fn endless_source(l: TcpListener) {
+/// Target: send stream bytes until the connection breaks (also the perf scripts' source).
+pub async fn endless_source(l: TcpListener) {
     while let Ok((mut s, _)) = l.accept().await {
         tokio::spawn(async move {
             let mut buf = vec![0u8; CHUNK];
