@@ -45,8 +45,8 @@ for spec in "$@"; do
     kill -0 "$fwd_pid" 2>/dev/null || { cat "$work/fwd.err" >&2; exit 1; }
     sleep 0.1
   done
-  e=$(grep "-> $echo\$" "$work/fwd.out" | head -1 | awk '{print $3}')
-  s=$(grep "-> $source\$" "$work/fwd.out" | head -1 | awk '{print $3}')
+  e=$(grep -e "-> $echo\$" "$work/fwd.out" | head -1 | awk '{print $3}')
+  s=$(grep -e "-> $source\$" "$work/fwd.out" | head -1 | awk '{print $3}')
   res=$(python3 perf/isolation.py "$e" "$s" --churn-rate "${CHURN_RATE:-1000}" \
     --churn-seconds "${CHURN_SECONDS:-30}")
   echo "{\"binary\": \"$spec\", \"results\": $res}"
