@@ -182,6 +182,10 @@ struct PoolArgs {
     /// Sessions kept set up ahead, so that a new connection does not wait for one.
     #[arg(long, default_value_t = pool::DEFAULT_WARM_SESSIONS, value_name = "N")]
     warm_sessions: usize,
+    /// Longest a new connection waits for an upstream session (a runtime or API server that
+    /// does not answer); it is then reset, with one log line saying why.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    connect_timeout: Duration,
 }
 
 fn at_least_one(s: &str) -> Result<usize, String> {
@@ -196,6 +200,7 @@ impl PoolArgs {
         PoolOptions {
             max_sessions: self.max_sessions,
             warm_sessions: self.warm_sessions,
+            connect_timeout: self.connect_timeout,
         }
     }
 }

@@ -44,6 +44,8 @@ struct Env {
     netns: Option<PathBuf>,
     /// containerd: no half-close towards the pod, and the frame-worker bug of 1.6.20.
     kubelet_like: bool,
+    /// containerd: stops and continues the runtime.
+    pauser: Option<support::containerd::Pauser>,
 }
 
 impl Env {
@@ -73,6 +75,21 @@ impl Env {
         Vec<SocketAddr>,
         mpsc::UnboundedReceiver<ConnOutcome>,
     ) {
+        self.forward_with(protocol, remotes, PoolOptions::default())
+            .await
+    }
+
+    /// [`Env::forward`] with the session pool set up as given.
+    async fn forward_with(
+        &self,
+        protocol: Protocol,
+        remotes: &[u16],
+        pool: PoolOptions,
+    ) -> (
+        Arc<Forwarder>,
+        Vec<SocketAddr>,
+        mpsc::UnboundedReceiver<ConnOutcome>,
+    ) {
         let specs: Vec<PortSpec> = remotes
             .iter()
             .map(|&r| PortSpec {
@@ -90,7 +107,7 @@ impl Env {
                 ping_timeout: Duration::from_secs(3),
                 ..SessionOptions::default()
             },
-            pool: PoolOptions::default(),
+            pool,
         };
         let fwd = Forwarder::new(cfg, &specs).await.expect("forwarder");
         let listeners = fwd.bind(&specs).await.expect("bind");
@@ -578,6 +595,11 @@ fn scenarios(env: &Env) -> Vec<Trial> {
             |e| isolation::half_close_streaming_reply(e, Spdy),
         ),
         trial(
+            format!("{p}::spdy::setup_timeout_resets_then_recovers"),
+            env,
+            isolation::setup_timeout,
+        ),
+        trial(
             format!("{p}::websocket::stalled_reader_others_answer"),
             env,
             |e| isolation::stalled_reader(e, Websocket),
@@ -648,6 +670,7 @@ fn main() {
         upstream: Upstream::Url(url),
         netns: None,
         kubelet_like: false,
+        pauser: None,
     };
     let mut trials = scenarios(&serve_env);
 
@@ -662,6 +685,7 @@ fn main() {
                 },
                 netns: Some(sb.netns.clone()),
                 kubelet_like: true,
+                pauser: Some(c.pauser()),
             };
             trials.extend(scenarios(&env));
             trials.push(cli_unknown_sandbox(&c));
@@ -679,6 +703,7 @@ fn main() {
                 upstream: Upstream::Url(String::new()),
                 netns: None,
                 kubelet_like: true,
+                pauser: None,
             };
             trials.extend(
                 scenarios(&env)

@@ -317,8 +317,12 @@ impl Forwarder {
     /// Relay one accepted connection; returns how it ended.
     pub async fn handle(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) -> ConnOutcome {
         tracing::debug!("handling connection from {peer} for port {remote}");
+        let timeout = self.connector.cfg.pool.connect_timeout;
         let (session, outcome) = match &self.pool {
-            Some(pool) => match pool.checkout(remote).await {
+            Some(pool) => match tokio::time::timeout(timeout, pool.checkout(remote))
+                .await
+                .unwrap_or(Err(ControlError::SetupTimeout(timeout)))
+            {
                 Ok((lease, conn, inbound)) => {
                     let s = lease.session().clone();
                     let outcome = relay_opened_conn(&s, tcp, conn, inbound, lease).await;
@@ -329,7 +333,11 @@ impl Forwarder {
             None => {
                 // One session per connection, the connection open before the server can
                 // answer.
-                let started = match self.connector.prepare_session(&[remote]).await {
+                let prepared =
+                    tokio::time::timeout(timeout, self.connector.prepare_session(&[remote]))
+                        .await
+                        .unwrap_or(Err(ControlError::SetupTimeout(timeout)));
+                let started = match prepared {
                     Ok((up, proto, opts)) => {
                         Session::start_with_conn(up.io, up.prefix, proto, opts, remote)
                             .map_err(|e| e.to_string())

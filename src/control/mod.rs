@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod cri;
 pub mod forward;
 pub mod pool;
+pub mod reconnect;
 pub mod upgrade;
 
 /// Response header by which `ringfwd serve` says it passes a half-close on to the target
@@ -60,6 +61,10 @@ pub enum ControlError {
         status: u16,
         message: String,
     },
+    #[error(
+        "no upstream session within {0:?} (--connect-timeout): the runtime or API server did not answer"
+    )]
+    SetupTimeout(std::time::Duration),
     #[error("{0}")]
     Relay(#[from] crate::relay::RelayError),
     #[error("{0}")]

@@ -42,13 +42,19 @@ pub const DEFAULT_WARM_SESSIONS: usize = 2;
 /// Idle sessions beyond the reserve are closed after this long unused.
 pub const IDLE_EXPIRY: Duration = Duration::from_secs(10);
 
-/// Limits of one forward's pool.
+/// Default for [`PoolOptions::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Limits of one forward's sessions.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolOptions {
     /// Most upstream sessions at once. At the bound connections share sessions.
     pub max_sessions: usize,
     /// Idle sessions kept ready for new connections (0: set one up per connection on demand).
     pub warm_sessions: usize,
+    /// Longest a connection waits for a session (setting one up included, backoff after
+    /// failures included); then it is reset. Also bounds the first session at start.
+    pub connect_timeout: Duration,
 }
 
 impl Default for PoolOptions {
@@ -56,6 +62,7 @@ impl Default for PoolOptions {
         PoolOptions {
             max_sessions: DEFAULT_MAX_SESSIONS,
             warm_sessions: DEFAULT_WARM_SESSIONS,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -136,6 +143,19 @@ struct State {
     slots: Vec<Slot>,
     /// Sessions being set up (for checkouts and for the warm reserve).
     creating: usize,
+    /// Setups that failed in a row, and when the next may start ([`super::reconnect`]).
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// Counts a setup in [`State::creating`] for as long as it runs, also when the waiting
+/// connection gives up (its future is dropped mid-setup).
+struct Creating<'a>(&'a Inner);
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.0.lock().creating -= 1;
+    }
 }
 
 struct Inner {
@@ -184,6 +204,40 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Set up one session (already counted in `creating`), after the backoff that earlier
+    /// failures ask for. Failures and successes move the backoff.
+    async fn make(&self) -> Result<Session, ControlError> {
+        let _creating = Creating(self);
+        let retry_at = self.lock().retry_at;
+        if let Some(at) = retry_at {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let made = (self.make)().await;
+        let mut st = self.lock();
+        match &made {
+            Ok(_) => {
+                if st.failures > 0 {
+                    tracing::info!(
+                        "upstream session set up again after {} failures",
+                        st.failures
+                    );
+                }
+                st.failures = 0;
+                st.retry_at = None;
+            }
+            Err(e) => {
+                st.failures = st.failures.saturating_add(1);
+                let wait = super::reconnect::delay(st.failures, super::reconnect::draw());
+                st.retry_at = Some(Instant::now() + wait);
+                tracing::debug!(
+                    "session setup failed ({} in a row), next try in {wait:?}: {e}",
+                    st.failures
+                );
+            }
+        }
+        made
+    }
+
     /// Close idle sessions beyond the reserve that have not been used for [`IDLE_EXPIRY`]; the
     /// reserve keeps those with the fewest lingering connections.
     fn expire_idle(&self, now: Instant) {
@@ -224,7 +278,11 @@ impl Pool {
     /// Set up the first session now (so a wrong target fails at start, with its error) and
     /// the rest of the warm reserve in the background.
     pub async fn start(&self) -> Result<(), ControlError> {
-        let s = (self.inner.make)().await?;
+        self.inner.lock().creating += 1;
+        let timeout = self.inner.opts.connect_timeout;
+        let s = tokio::time::timeout(timeout, self.inner.make())
+            .await
+            .map_err(|_| ControlError::SetupTimeout(timeout))??;
         self.add(s, 0);
         self.refill();
         let pool: Weak<Inner> = Arc::downgrade(&self.inner);
@@ -302,9 +360,7 @@ impl Pool {
             };
             match choice {
                 Pick::Create => {
-                    let made = (self.inner.make)().await;
-                    self.inner.lock().creating -= 1;
-                    let session = made?;
+                    let session = self.inner.make().await?;
                     let (conn, inbound) = session.open(port)?;
                     self.add(session.clone(), 1);
                     let lease = Lease {
@@ -361,9 +417,7 @@ impl Pool {
             want -= 1;
             let pool = self.clone();
             tokio::spawn(async move {
-                let made = (pool.inner.make)().await;
-                pool.inner.lock().creating -= 1;
-                match made {
+                match pool.inner.make().await {
                     Ok(s) => pool.add(s, 0),
                     // The next connection tries again (and reports the error to its client).
                     Err(e) => {

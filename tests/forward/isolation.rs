@@ -263,3 +263,104 @@ pub async fn half_close_streaming_reply(env: Env, protocol: Protocol) -> Result<
         "reply streamed after half-close differs".into()
     })
 }
+
+/// A TCP relay in front of the stream server that, once shut, swallows new connections
+/// (accepts them and never answers), as a paused runtime does. Connections made before keep
+/// flowing.
+struct Gate {
+    addr: SocketAddr,
+    shut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    async fn start(upstream: SocketAddr) -> Gate {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let shut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed = shut.clone();
+        tokio::spawn(async move {
+            let mut swallowed = Vec::new();
+            while let Ok((mut c, _)) = l.accept().await {
+                if closed.load(Ordering::SeqCst) {
+                    swallowed.push(c);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut u) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                });
+            }
+        });
+        Gate { addr, shut }
+    }
+
+    fn shut(&self, on: bool) {
+        self.shut.store(on, Ordering::SeqCst);
+    }
+}
+
+/// Setting a session up is bounded: while the upstream does not answer (`ringfwd serve` behind
+/// a gate that swallows new connections; containerd stopped with SIGSTOP), a new connection is
+/// reset after `connect_timeout`, never left waiting; once the upstream answers again, the
+/// connection opened before and new ones work.
+pub async fn setup_timeout(env: Env) -> Result<(), Failed> {
+    let le = env.bind();
+    let port = le.local_addr()?.port();
+    tokio::spawn(echo(le));
+    let (gate, upstream) = match &env.upstream {
+        Upstream::Url(url) => {
+            let rest = url.strip_prefix("http://").ok_or("serve URL is not http")?;
+            let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let gate = Gate::start(hostport.parse()?).await;
+            let up = Upstream::Url(format!("http://{}/{path}", gate.addr));
+            (Some(gate), up)
+        }
+        other => (None, other.clone()),
+    };
+    let gated = Env {
+        upstream,
+        ..env.clone()
+    };
+    let pool = PoolOptions {
+        warm_sessions: 0,
+        connect_timeout: Duration::from_millis(500),
+        ..PoolOptions::default()
+    };
+    let (_fwd, addrs, mut outcomes) = gated.forward_with(Protocol::Spdy, &[port], pool).await;
+
+    // Holds the one session there is.
+    let mut open = TcpStream::connect(addrs[0]).await?;
+    ping_echo(&mut open, "connection opened before").await?;
+
+    let paused = match (&gate, &env.pauser) {
+        (Some(g), _) => {
+            g.shut(true);
+            None
+        }
+        (None, Some(p)) => Some(p.pause()),
+        (None, None) => return Err("no way to make this upstream stop answering".into()),
+    };
+    let started = std::time::Instant::now();
+    let mut waiting = TcpStream::connect(addrs[0]).await?;
+    expect_reset(&mut waiting).await?;
+    let waited = started.elapsed();
+    drop(paused);
+    if let Some(g) = &gate {
+        g.shut(false);
+    }
+    match outcomes.recv().await {
+        Some(ConnOutcome::SessionLost(m)) if m.contains("--connect-timeout") => {}
+        other => {
+            return Err(format!("want a reset naming --connect-timeout, got {other:?}").into());
+        }
+    }
+    check(waited >= Duration::from_millis(500), || {
+        format!("reset after {waited:?}, before the 500 ms bound")
+    })?;
+
+    ping_echo(&mut open, "connection opened before the upstream got stuck").await?;
+    let mut after = TcpStream::connect(addrs[0]).await?;
+    ping_echo(&mut after, "connection after the upstream came back").await?;
+    Ok(())
+}

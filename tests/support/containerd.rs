@@ -61,6 +61,35 @@ pub struct Containerd {
     next_uid: AtomicU32,
 }
 
+/// Pauses the fixture's containerd; see [`Containerd::pauser`].
+#[derive(Clone, Debug)]
+pub struct Pauser {
+    pid: u32,
+}
+
+impl Pauser {
+    /// Pause containerd until the returned guard drops (also when a test fails mid-way).
+    pub fn pause(&self) -> Paused {
+        self.signal(libc::SIGSTOP);
+        Paused(self.clone())
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // Safety: kill(2) on the fixture's containerd, our child, which is not reaped while
+        // the fixture (and so any test holding a Pauser) is alive.
+        unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+    }
+}
+
+/// containerd stays stopped while this lives.
+pub struct Paused(Pauser);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        self.0.signal(libc::SIGCONT);
+    }
+}
+
 /// A pod sandbox made by [`Containerd::run_sandbox`].
 #[derive(Clone, Debug)]
 pub struct Sandbox {
@@ -113,6 +142,11 @@ impl Containerd {
             fixture.network.bridge,
         );
         Ok(fixture)
+    }
+
+    /// Stops and continues the containerd process (SIGSTOP/SIGCONT): a wedged runtime.
+    pub fn pauser(&self) -> Pauser {
+        Pauser { pid: self.pid }
     }
 
     /// The CRI endpoint, `unix:///.../containerd.sock`.
