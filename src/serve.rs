@@ -122,7 +122,7 @@ impl NetnsDialer {
 pub async fn serve(listener: TcpListener, dialer: Dialer, opts: SessionOptions) -> io::Result<()> {
     loop {
         let (tcp, peer) = listener.accept().await?;
-        let _ = tcp.set_nodelay(true);
+        crate::relay::tune_socket(&tcp);
         let dialer = dialer.clone();
         let opts = opts.clone();
         tokio::spawn(async move {

@@ -181,7 +181,7 @@ pub async fn upgrade(
             addr: addr.clone(),
             source,
         })?;
-    let _ = tcp.set_nodelay(true);
+    crate::relay::tune_socket(&tcp);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|source| ControlError::Http {

@@ -116,7 +116,7 @@ async fn relay<B: Send>(
     side: Side,
     busy: B,
 ) -> ConnOutcome {
-    let _ = tcp.set_nodelay(true);
+    super::tune_socket(&tcp);
     // A client-side FIN is held back from servers that would turn it into a 1 s kill timer
     // (see SessionOptions::forward_half_close), and from protocols that cannot carry it.
     let wire_half_close = session.half_close_on_wire();

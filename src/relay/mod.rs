@@ -59,6 +59,26 @@ pub const DEFAULT_HALF_CLOSE_QUIET: Duration = Duration::from_secs(1);
 /// that our last bytes reach it instead of being cut off by a TCP reset.
 pub const LINGER: Duration = Duration::from_secs(5);
 
+/// TCP keepalive on every socket a forward holds (local clients, targets, stream servers):
+/// probes after this long idle, so a NAT or load balancer on the way keeps the connection, and
+/// a peer that vanished without a FIN or RST (a laptop that slept, a rebooted node) is noticed
+/// (after [`KEEPALIVE_INTERVAL`] x [`KEEPALIVE_PROBES`] more) instead of holding its
+/// connection forever.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_PROBES: u32 = 6;
+
+/// Disable Nagle and switch TCP keepalive on (see [`KEEPALIVE_IDLE`]). Best effort: a socket
+/// that refuses either still works.
+pub fn tune_socket(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+}
+
 /// Errors of the data plane.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -74,4 +94,25 @@ pub enum RelayError {
     GoAway(String),
     #[error("session is closed")]
     SessionClosed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sockets_get_keepalive_and_nodelay() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let s = socket2::SockRef::from(&c);
+        assert!(!s.keepalive().unwrap());
+        tune_socket(&c);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert!(c.nodelay().unwrap());
+    }
 }
