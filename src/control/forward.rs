@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
@@ -18,6 +19,7 @@ use super::ControlError;
 use super::cluster::Cluster;
 use super::cri::CriClient;
 use super::upgrade::{Protocol, Upgraded, upgrade};
+use crate::metrics::ForwardMetrics;
 use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
@@ -87,6 +89,8 @@ pub struct ForwardConfig {
     pub fallback_to_spdy: bool,
     pub addresses: Vec<IpAddr>,
     pub session: SessionOptions,
+    /// Where this forward's connections and sessions are counted (named after the forward).
+    pub metrics: ForwardMetrics,
 }
 
 /// A bound local port and where it forwards to.
@@ -186,7 +190,12 @@ impl Forwarder {
         &self,
         ports: &[u16],
     ) -> Result<(Upgraded, Box<dyn PortForwardProtocol>, SessionOptions), ControlError> {
-        let (up, protocol) = self.upgrade(ports).await?;
+        let setup = Instant::now();
+        let (up, protocol) = self.upgrade(ports).await.inspect_err(|_| {
+            self.cfg
+                .metrics
+                .session_setup_failed(self.protocol().label())
+        })?;
         let proto: Box<dyn PortForwardProtocol> = match protocol {
             Protocol::Spdy | Protocol::Tunnel if up.half_close => {
                 Box::new(SpdyPortForward::client().with_immediate_eof())
@@ -200,6 +209,10 @@ impl Forwarder {
         };
         let mut opts = self.cfg.session.clone();
         opts.forward_half_close = up.half_close;
+        opts.metrics = self
+            .cfg
+            .metrics
+            .session_set_up(protocol.label(), setup.elapsed());
         self.sessions_started.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("new {} session", protocol.name());
         Ok((up, proto, opts))
@@ -287,11 +300,12 @@ impl Forwarder {
     /// Relay one accepted connection; returns how it ended.
     pub async fn handle(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) -> ConnOutcome {
         tracing::debug!("handling connection from {peer} for port {remote}");
+        let stream = self.cfg.metrics.accept(Some(peer), remote);
         let session_multiplexed = self.protocol().multiplexed();
         let (session, outcome) = if session_multiplexed {
             match self.shared_session().await {
                 Ok(s) => {
-                    let outcome = relay_client_conn(&s, tcp, remote).await;
+                    let outcome = relay_client_conn(&s, tcp, remote, stream).await;
                     (s, outcome)
                 }
                 Err(e) => return Self::no_session(tcp, peer, remote, e.to_string()),
@@ -307,7 +321,7 @@ impl Forwarder {
             };
             match started {
                 Ok((s, conn, inbound)) => {
-                    let outcome = relay_opened_conn(&s, tcp, conn, inbound).await;
+                    let outcome = relay_opened_conn(&s, tcp, conn, inbound, stream).await;
                     (s, outcome)
                 }
                 Err(e) => return Self::no_session(tcp, peer, remote, e),

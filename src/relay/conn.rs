@@ -8,7 +8,7 @@
 //! like a clean end of file.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::session::{Inbound, Session};
 use super::{READ_BUF, RelayError};
-use crate::metrics::COUNTERS;
+use crate::metrics::{Outcome, Stream, StreamStats};
 use crate::proto::{ConnId, HEADROOM};
 
 /// How a forwarded connection ended.
@@ -41,6 +41,17 @@ pub enum ConnOutcome {
 impl ConnOutcome {
     pub fn is_clean(&self) -> bool {
         matches!(self, ConnOutcome::Clean { .. })
+    }
+
+    /// The `outcome` this counts as in the metrics.
+    pub fn counted(&self) -> Outcome {
+        match self {
+            ConnOutcome::Clean { .. } => Outcome::Clean,
+            ConnOutcome::RemoteError { .. } => Outcome::ServerError,
+            ConnOutcome::PeerReset => Outcome::ResetByPeer,
+            ConnOutcome::SessionLost(_) | ConnOutcome::Upstream(_) => Outcome::SessionLost,
+            ConnOutcome::Local(_) => Outcome::LocalError,
+        }
     }
 }
 
@@ -67,13 +78,19 @@ enum Side {
     Server,
 }
 
-/// Client role: relay an accepted local connection to `port` through `session`.
-pub async fn relay_client_conn(session: &Session, tcp: TcpStream, port: u16) -> ConnOutcome {
+/// Client role: relay an accepted local connection to `port` through `session`, counting it
+/// on `stream`.
+pub async fn relay_client_conn(
+    session: &Session,
+    tcp: TcpStream,
+    port: u16,
+    stream: Stream,
+) -> ConnOutcome {
     match session.open(port) {
-        Ok((conn, inbound)) => relay_opened_conn(session, tcp, conn, inbound).await,
+        Ok((conn, inbound)) => relay_opened_conn(session, tcp, conn, inbound, stream).await,
         Err(e) => {
             let _ = tcp.set_zero_linger();
-            ConnOutcome::SessionLost(e.to_string())
+            finish(stream, ConnOutcome::SessionLost(e.to_string()))
         }
     }
 }
@@ -85,9 +102,10 @@ pub async fn relay_opened_conn(
     tcp: TcpStream,
     conn: ConnId,
     inbound: mpsc::Receiver<Inbound>,
+    stream: Stream,
 ) -> ConnOutcome {
-    COUNTERS.conns_opened.fetch_add(1, Relaxed);
-    relay(session, tcp, conn, inbound, Side::Client).await
+    let outcome = relay(session, tcp, conn, inbound, Side::Client, stream.stats()).await;
+    finish(stream, outcome)
 }
 
 /// Server role: relay upstream connection `conn` to the dialled target `tcp`.
@@ -96,8 +114,15 @@ pub async fn relay_server_conn(
     tcp: TcpStream,
     conn: ConnId,
     inbound: mpsc::Receiver<Inbound>,
+    stream: Stream,
 ) -> ConnOutcome {
-    relay(session, tcp, conn, inbound, Side::Server).await
+    let outcome = relay(session, tcp, conn, inbound, Side::Server, stream.stats()).await;
+    finish(stream, outcome)
+}
+
+fn finish(stream: Stream, outcome: ConnOutcome) -> ConnOutcome {
+    stream.finish(outcome.counted(), &outcome);
+    outcome
 }
 
 async fn relay(
@@ -106,6 +131,7 @@ async fn relay(
     conn: ConnId,
     mut inbound: mpsc::Receiver<Inbound>,
     side: Side,
+    stats: &StreamStats,
 ) -> ConnOutcome {
     let _ = tcp.set_nodelay(true);
     // A client-side FIN is held back from servers that would turn it into a 1 s kill timer
@@ -115,8 +141,6 @@ async fn relay(
     let eof_seen = AtomicBool::new(false);
     // Local bytes read but not yet handed to the session.
     let up_pending = AtomicBool::new(false);
-    let up_bytes = AtomicU64::new(0);
-    let down_bytes = AtomicU64::new(0);
     let eof_notify = Notify::new();
 
     let outcome = {
@@ -145,7 +169,7 @@ async fn relay(
                     session.close_write(conn).map_err(ConnOutcome::Upstream)?;
                     return Ok::<(), ConnOutcome>(());
                 }
-                up_bytes.fetch_add(n as u64, Relaxed);
+                stats.add_up(n);
                 up_pending.store(true, Relaxed);
                 session
                     .send_data(conn, &mut buf)
@@ -159,7 +183,7 @@ async fn relay(
                 match msg {
                     Inbound::Data(b) => {
                         wr.write_all(&b).await.map_err(ConnOutcome::Local)?;
-                        down_bytes.fetch_add(b.len() as u64, Relaxed);
+                        stats.add_down(b.len());
                     }
                     Inbound::Eof => {
                         eof_seen.store(true, Relaxed);
@@ -174,7 +198,7 @@ async fn relay(
                     Inbound::Error(message) => {
                         return Err(ConnOutcome::RemoteError {
                             message,
-                            sent: up_bytes.load(Relaxed),
+                            sent: stats.up(),
                         });
                     }
                     Inbound::Reset => return Err(ConnOutcome::PeerReset),
@@ -226,8 +250,8 @@ async fn relay(
                 Side::Server => session.finish(conn),
             }
             ConnOutcome::Clean {
-                up: up_bytes.load(Relaxed),
-                down: down_bytes.load(Relaxed),
+                up: stats.up(),
+                down: stats.down(),
             }
         }
         Err(e) => {
@@ -237,10 +261,6 @@ async fn relay(
                 }
                 _ => session.reset(conn),
             }
-            match &e {
-                ConnOutcome::RemoteError { .. } => COUNTERS.conns_failed.fetch_add(1, Relaxed),
-                _ => COUNTERS.conns_reset.fetch_add(1, Relaxed),
-            };
             // Never a clean FIN for a broken transfer: SO_LINGER 0 makes close send RST.
             let _ = tcp.set_zero_linger();
             e
