@@ -374,6 +374,8 @@ async fn run_forward(fwd: Arc<Forwarder>, specs: &[PortSpec]) -> Result<(), Stri
     }
     // Scripts wait for these lines: do not leave them in a pipe buffer.
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    // The live view (if on) starts below them.
+    status::show();
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
         tasks.spawn(fwd.clone().serve_listener(l));

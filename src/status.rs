@@ -7,11 +7,16 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::metrics::ForwardSnapshot;
 
 /// How many status lines are on screen now (the cursor is at the end of the last one).
 static DRAWN: Mutex<usize> = Mutex::new(0);
+
+/// Drawing has started: the forward printed its `Forwarding from` lines on stdout, which
+/// shares the terminal and does not know about the status block.
+static SHOWN: AtomicBool = AtomicBool::new(false);
 
 /// Whether the live view should run.
 pub fn enabled(quiet: bool) -> bool {
@@ -30,12 +35,38 @@ fn erase(w: &mut impl Write, drawn: usize) -> io::Result<()> {
     w.write_all(b"\x1b[J")
 }
 
-/// Redraw the status block for `forwards`.
+/// Start drawing: call once stdout has printed what it prints at startup.
+pub fn show() {
+    SHOWN.store(true, Ordering::Release);
+}
+
+/// Columns of the terminal on stderr, if it says.
+fn columns() -> Option<usize> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // Safety: TIOCGWINSZ on fd 2 only writes a `winsize` into the struct we pass.
+    let rc = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col > 0).then_some(usize::from(ws.ws_col))
+}
+
+/// Redraw the status block for `forwards` (once [`show`] was called).
 pub fn draw(forwards: &[ForwardSnapshot]) {
+    if !SHOWN.load(Ordering::Acquire) {
+        return;
+    }
     let mut drawn = DRAWN.lock().unwrap_or_else(|e| e.into_inner());
     let mut err = io::stderr().lock();
     let _ = erase(&mut err, *drawn);
-    let text: Vec<String> = forwards.iter().map(line).collect();
+    // A line that wraps would take two rows and break the erase: cut it to the width.
+    let width = columns().map_or(usize::MAX, |c| c.saturating_sub(1));
+    let text: Vec<String> = forwards
+        .iter()
+        .map(|f| line(f).chars().take(width).collect())
+        .collect();
     let _ = err.write_all(text.join("\n").as_bytes());
     let _ = err.flush();
     *drawn = text.len();
