@@ -62,43 +62,25 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
     10.0, 30.0,
 ];
+/// `N` powers of 4 from `first`.
+const fn powers_of_four<const N: usize>(first: f64) -> [f64; N] {
+    let mut out = [0.0; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = if i == 0 { first } else { out[i - 1] * 4.0 };
+        i += 1;
+    }
+    out
+}
+
 /// Per-stream byte counts, powers of 4 from 256 B to 64 GiB (a handshake to a database dump).
-pub const SIZE_BUCKETS: &[f64] = &[
-    256.0,
-    1024.0,
-    4096.0,
-    16384.0,
-    65536.0,
-    262144.0,
-    1048576.0,
-    4194304.0,
-    16777216.0,
-    67108864.0,
-    268435456.0,
-    1073741824.0,
-    4294967296.0,
-    17179869184.0,
-    68719476736.0,
-];
+pub const SIZE_BUCKETS: &[f64] = &powers_of_four::<15>(256.0);
 /// Stream lifetimes (seconds), 1 ms to 1 day.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
 ];
 /// Mean stream throughput (bytes/s), powers of 4 from 1 KiB/s to 4 GiB/s (32 Gbit/s).
-pub const RATE_BUCKETS: &[f64] = &[
-    1024.0,
-    4096.0,
-    16384.0,
-    65536.0,
-    262144.0,
-    1048576.0,
-    4194304.0,
-    16777216.0,
-    67108864.0,
-    268435456.0,
-    1073741824.0,
-    4294967296.0,
-];
+pub const RATE_BUCKETS: &[f64] = &powers_of_four::<12>(1024.0);
 
 /// What kind of metric a [`Def`] is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -248,6 +230,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bucket_ranges() {
+        assert_eq!(SIZE_BUCKETS[0], 256.0);
+        assert_eq!(SIZE_BUCKETS.last(), Some(&(64.0 * (1u64 << 30) as f64)));
+        assert_eq!(RATE_BUCKETS.last(), Some(&(4.0 * (1u64 << 30) as f64)));
+    }
+
+    #[test]
     fn names_follow_prometheus_practice() {
         let mut seen = std::collections::HashSet::new();
         for d in ALL {
@@ -266,6 +255,7 @@ mod tests {
                 Kind::Gauge => assert!(!d.name.ends_with("_total"), "{}", d.name),
                 Kind::Histogram(b) => {
                     assert!(!d.name.ends_with("_total"), "{}", d.name);
+                    assert!(b.len() >= 10, "{} has {} buckets", d.name, b.len());
                     assert!(b.windows(2).all(|w| w[0] < w[1]), "{} buckets", d.name);
                 }
             }
