@@ -493,6 +493,14 @@ pub fn run(a: BenchArgs, metrics_addr: Option<SocketAddr>) -> Result<(), String>
     };
     let report = measure(&a)?;
     println!("{report}");
+    if metrics_rt.is_some() {
+        // The endpoint's own threads (scrapes, folding, sampler): not in the client's CPU.
+        println!(
+            "{:<34} {:.3} s",
+            "metrics endpoint CPU",
+            thread_cpu_seconds("rf-metrics")
+        );
+    }
     if let Some(path) = &a.plot {
         plot::bench_svg(path, &report)?;
         println!("Plot written to {}", path.display());
