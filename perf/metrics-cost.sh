@@ -66,6 +66,7 @@ END {
     printf "%-26s %8s %8s %8s\n", "median of " n["off"] " runs", "off", "on", "on/off"
     for (f = 2; f <= 6; f++) {
         for (m in n) { for (i = 1; i <= n[m]; i++) x[i] = v[m, f, i]; med[m] = median(x, n[m]) }
-        printf "%-26s %8.3f %8.3f %+7.1f%%\n", name[f - 1], med["off"], med["on"], med["off"] > 0 ? (med["on"] / med["off"] - 1) * 100 : 0
+        rel = med["off"] > 0 ? (med["on"] / med["off"] - 1) * 100 : 0
+        printf "%-26s %8.3f %8.3f %+7.1f%%\n", name[f - 1], med["off"], med["on"], rel
     }
 }' "$tmp/all"
