@@ -5,6 +5,8 @@
 # drift on a shared machine hits both sides alike.
 #
 # Usage: perf/metrics-cost.sh [ROUNDS] [BYTES]   (default 6 rounds of 1GiB each way)
+#        CONTROL=1 perf/metrics-cost.sh ...     (A/A: the "on" slot also runs without metrics,
+#                                                to see the noise floor of this machine)
 # Needs: cargo build --release; curl; /usr/bin/time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,18 +19,19 @@ trap 'rm -rf "$tmp"' EXIT
 echo "machine: $(nproc) CPUs, Linux $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
 echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')"
 echo "command: $bin bench --bytes $bytes [--metrics-addr 127.0.0.1:0]; curl every 1s in both modes"
+[ -n "${CONTROL:-}" ] && echo "CONTROL: metrics off in both slots (A/A)"
 echo
 
 run() { # run MODE: prints "MODE DOWN UP CPU_DOWN CPU_UP USER SYS" (Gbit/s, client s/GB, process s)
     local mode=$1 args=() pid addr
-    [ "$mode" = on ] && args=(--metrics-addr 127.0.0.1:0)
+    [ "$mode" = on ] && [ -z "${CONTROL:-}" ] && args=(--metrics-addr 127.0.0.1:0)
     RUST_LOG=off /usr/bin/time -f "process CPU %U user %S sys" -o "$tmp/time" \
         "$bin" bench --bytes "$bytes" "${args[@]}" >"$tmp/out" 2>/dev/null &
     pid=$!
     # Both modes run the same scraper loop, so the machine carries the same extra processes;
     # with metrics off it knocks on a closed port.
     addr=http://127.0.0.1:9/metrics
-    if [ "$mode" = on ]; then
+    if [ ${#args[@]} -gt 0 ]; then
         addr=
         while [ -z "$addr" ] && kill -0 "$pid" 2>/dev/null; do
             addr=$(sed -n 's/^Metrics on //p' "$tmp/out")
