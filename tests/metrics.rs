@@ -132,33 +132,6 @@ fn families(exposition: &str) -> Vec<(String, String)> {
 // The rig: targets, ringfwd serve behind a cuttable proxy, ringfwd forward with metrics
 // ---------------------------------------------------------------------------------------------
 
-/// Target: reads a u64 LE count, sends that many bytes, closes.
-fn source_server() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut n = [0u8; 8];
-                if c.read_exact(&mut n).is_err() {
-                    return;
-                }
-                let mut left = u64::from_le_bytes(n);
-                let chunk = vec![0x5au8; 256 * 1024];
-                while left > 0 {
-                    let k = left.min(chunk.len() as u64) as usize;
-                    if c.write_all(&chunk[..k]).is_err() {
-                        return;
-                    }
-                    left -= k as u64;
-                }
-            });
-        }
-    });
-    port
-}
-
 /// A TCP proxy to `upstream` whose open connections can be cut at once (a network that drops
 /// the forward's session).
 struct Proxy {
@@ -200,6 +173,8 @@ impl Proxy {
 }
 
 struct Rig {
+    /// `ringfwd bench`'s targets (the source: read a u64 LE count, send that many bytes).
+    _targets: tokio::runtime::Runtime,
     _serve: KillOnDrop,
     proxy: Proxy,
     forward: PortForward,
@@ -240,10 +215,18 @@ impl Rig {
             .local_addr()
             .unwrap()
             .port();
+        let targets_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let targets = targets_rt
+            .block_on(ringfwd::bench::start_targets(None))
+            .expect("bench targets");
         let mut cmd = Command::new(BIN);
         cmd.args(["forward", "--url", &name, "--metrics-addr", "127.0.0.1:0"])
             .args(["--ping-interval", "100ms"])
-            .arg(format!(":{}", source_server()))
+            .arg(format!(":{}", targets.source))
             .arg(format!(":{refused}"))
             .env("RUST_LOG", "off");
         let forward = PortForward::start_ports(cmd, 2).expect("ringfwd forward starts");
@@ -256,6 +239,7 @@ impl Rig {
             .to_string();
         let ports = forward.forwarded();
         Rig {
+            _targets: targets_rt,
             _serve: serve,
             proxy,
             source: ports[0].0,
