@@ -13,11 +13,17 @@
 //!
 //! Count-first framing is deliberate: kubelet/containerd never pass a half-close on to the pod,
 //! so a target cannot rely on seeing end of file.
+//!
+//! Latency percentiles of the forward (first byte, session setup, stalls) are read from the
+//! in-process copies of the exported histograms ([`crate::metrics::histogram`]), so they are
+//! the numbers a dashboard shows for the run; `--plot` draws them with the throughput over time
+//! ([`crate::plot`]).
 
 use std::io::IsTerminal;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,8 +33,10 @@ use tokio::runtime::Runtime;
 use crate::control::forward::{ForwardConfig, Forwarder, PortSpec, Upstream};
 use crate::control::pool::PoolOptions;
 use crate::control::upgrade::Protocol;
+use crate::metrics::ForwardMetrics;
+use crate::metrics::histogram::LocalHistogram;
 use crate::relay::SessionOptions;
-use crate::serve;
+use crate::{parse_duration, plot, serve};
 
 const CHUNK: usize = 256 * 1024;
 
@@ -60,6 +68,13 @@ pub struct BenchArgs {
     /// Targets already running in the pod: SOURCE,SINK,ECHO ports.
     #[arg(long, value_delimiter = ',', num_args = 3)]
     pub target_ports: Option<Vec<u16>>,
+    /// Draw throughput over time and the latency distributions into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// With --metrics-addr: keep serving the endpoint this long after the run (like 30s), so a
+    /// scraper sees the final numbers.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub linger: Option<Duration>,
 }
 
 /// Parse `1GiB`, `256MiB`, `64KiB`, `1000000`.
@@ -360,6 +375,12 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e3
 }
 
+/// p50 and p99 in milliseconds of an in-process histogram copy, and its count.
+fn hist_ms(h: &LocalHistogram) -> (f64, f64, u64) {
+    let q = |p| h.quantile(p).map_or(f64::NAN, |s| s * 1e3);
+    (q(0.5), q(0.99), h.count())
+}
+
 /// Results of one bench run.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -370,8 +391,21 @@ pub struct Report {
     pub client_cpu_down: f64,
     pub client_cpu_up: f64,
     pub serve_cpu: Option<(f64, f64)>,
-    pub connect_ms: (f64, f64, usize),
+    /// Time to first byte of the forward's connections, from
+    /// `ringfwd_connection_first_byte_seconds`: p50, p99 (ms), count.
+    pub first_byte_ms: (f64, f64, u64),
+    /// From `ringfwd_session_setup_seconds`.
+    pub setup_ms: (f64, f64, u64),
+    /// From `ringfwd_relay_stall_seconds`.
+    pub stall_ms: (f64, f64, u64),
+    /// Client-side 1-byte echo round trips: p50, p99 (ms), count.
     pub echo_ms: (f64, f64, usize),
+    /// Bytes relayed `[up, down]` sampled over the run (seconds since start), for `--plot`.
+    pub series: Vec<(f64, [u64; 2])>,
+    /// The echo round trips, sorted.
+    pub echo: Vec<Duration>,
+    /// Bucket bounds and counts of the first-byte histogram.
+    pub first_byte_hist: (&'static [f64], Vec<u64>),
 }
 
 impl std::fmt::Display for Report {
@@ -417,12 +451,24 @@ impl std::fmt::Display for Report {
         }
         writeln!(
             f,
-            "{:<34} {:.3} / {:.3} ms ({} connections)",
+            "{:<34} {:.3} / {:.3} ms ({} connections, histogram)",
             "new connection TTFB p50 / p99",
-            self.connect_ms.0,
-            self.connect_ms.1,
-            self.connect_ms.2
+            self.first_byte_ms.0,
+            self.first_byte_ms.1,
+            self.first_byte_ms.2
         )?;
+        writeln!(
+            f,
+            "{:<34} {:.3} / {:.3} ms ({} sessions, histogram)",
+            "session setup p50 / p99", self.setup_ms.0, self.setup_ms.1, self.setup_ms.2
+        )?;
+        if self.stall_ms.2 > 0 {
+            writeln!(
+                f,
+                "{:<34} {:.3} / {:.3} ms ({} stalls, histogram)",
+                "slow-reader stall p50 / p99", self.stall_ms.0, self.stall_ms.1, self.stall_ms.2
+            )?;
+        }
         write!(
             f,
             "{:<34} {:.3} / {:.3} ms ({} round trips)",
@@ -431,10 +477,40 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// Run the benchmark described by `a`; prints the table.
-pub fn run(a: BenchArgs) -> Result<(), String> {
+/// Run the benchmark described by `a`; prints the table. With `metrics_addr`, the metrics
+/// endpoint runs on its own runtime for the whole run (and `--linger` after it).
+pub fn run(a: BenchArgs, metrics_addr: Option<SocketAddr>) -> Result<(), String> {
+    let metrics_rt = match metrics_addr {
+        Some(addr) => {
+            let rt = runtime("rf-metrics", 1)?;
+            let bound = rt
+                .block_on(crate::metrics::http::start(addr))
+                .map_err(|e| e.to_string())?;
+            rt.spawn(async { crate::metrics::spawn_sampler(Duration::from_secs(1), |_| {}) });
+            println!("Metrics on http://{bound}/metrics");
+            Some(rt)
+        }
+        None => None,
+    };
     let report = measure(&a)?;
     println!("{report}");
+    if metrics_rt.is_some() {
+        // The endpoint's own threads (scrapes, folding, sampler): not in the client's CPU.
+        println!(
+            "{:<34} {:.3} s",
+            "metrics endpoint CPU",
+            thread_cpu_seconds("rf-metrics")
+        );
+    }
+    if let Some(path) = &a.plot {
+        plot::bench_svg(path, &report)?;
+        println!("Plot written to {}", path.display());
+    }
+    if let (Some(_rt), Some(linger)) = (&metrics_rt, a.linger) {
+        // Scripts and tests wait for the table: do not leave it in a pipe buffer.
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        std::thread::sleep(linger);
+    }
     Ok(())
 }
 
@@ -496,6 +572,7 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
             remote: p,
         })
         .collect();
+    let fwd_metrics = ForwardMetrics::new("bench");
     let cfg = ForwardConfig {
         upstream,
         protocol: a.protocol,
@@ -503,6 +580,7 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
         addresses: vec![Ipv4Addr::LOCALHOST.into()],
         session: SessionOptions::default(),
         pool: PoolOptions::default(),
+        metrics: fwd_metrics.clone(),
     };
     let local: Vec<SocketAddr> = client_rt.block_on(async {
         let fwd: Arc<Forwarder> = Forwarder::new(cfg, &specs)
@@ -522,15 +600,33 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
             thread_cpu_seconds("rf-serve"),
         )
     };
+    let sampling = Arc::new(AtomicBool::new(a.plot.is_some()));
+    let sampler = {
+        let (sampling, fm) = (sampling.clone(), fwd_metrics.clone());
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut series = Vec::new();
+            while sampling.load(Ordering::Relaxed) {
+                series.push((t0.elapsed().as_secs_f64(), fm.totals()));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            series
+        })
+    };
     let (c0, s0) = cpu();
-    let download = load_rt.block_on(download(local[0], a.bytes))?;
+    let down = load_rt.block_on(download(local[0], a.bytes));
     let (c1, s1) = cpu();
-    let upload = load_rt.block_on(upload(local[1], a.bytes))?;
+    let transfers = down.and_then(|d| Ok((d, load_rt.block_on(upload(local[1], a.bytes))?)));
     let (c2, s2) = cpu();
-    let mut conn = load_rt.block_on(connects(local[0], a.connects))?;
+    // Stop the sampler whether or not the transfers worked.
+    sampling.store(false, Ordering::Relaxed);
+    let series = sampler.join().map_err(|_| "bench sampler panicked")?;
+    let (download, upload) = transfers?;
+    load_rt.block_on(connects(local[0], a.connects))?;
     let mut echo = load_rt.block_on(echoes(local[2], a.echoes))?;
-    conn.sort();
     echo.sort();
+    let sessions = fwd_metrics.session(a.protocol.label());
+    let first_byte = fwd_metrics.first_byte();
     let report = Report {
         mode,
         bytes: a.bytes,
@@ -539,8 +635,13 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
         client_cpu_down: c1 - c0,
         client_cpu_up: c2 - c1,
         serve_cpu: (!external).then_some((s1 - s0, s2 - s1)),
-        connect_ms: (pct(&conn, 0.5), pct(&conn, 0.99), conn.len()),
+        first_byte_ms: hist_ms(first_byte),
+        setup_ms: hist_ms(sessions.setup()),
+        stall_ms: hist_ms(sessions.stall()),
         echo_ms: (pct(&echo, 0.5), pct(&echo, 0.99), echo.len()),
+        series,
+        echo,
+        first_byte_hist: (first_byte.bounds(), first_byte.counts()),
     };
     // Runtimes drop here; their tasks (listeners, sessions) end with them.
     load_rt.shutdown_background();

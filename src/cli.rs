@@ -9,14 +9,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 
 use crate::control::cluster::{Cluster, ClusterOptions, PortRequest, Target};
 use crate::control::forward::{ForwardConfig, Forwarder, PortSpec, Upstream};
 use crate::control::pool::{self, PoolOptions};
 use crate::control::upgrade::Protocol;
+use crate::metrics::ForwardMetrics;
 use crate::relay::SessionOptions;
-use crate::{bench, parse_duration, serve};
+use crate::{bench, metrics, parse_duration, serve, status};
 
 const ABOUT: &str = "Forward one or more local ports to a pod, fast, and keep the forward up.";
 
@@ -70,6 +71,23 @@ struct Cli {
     cmd: Option<Command>,
     #[command(flatten)]
     pf: PortForwardArgs,
+    #[command(flatten)]
+    obs: ObsArgs,
+}
+
+/// Observability, for every command.
+#[derive(Args)]
+struct ObsArgs {
+    /// Serve Prometheus metrics (/metrics) and the open streams as JSON (/streams) on this
+    /// address; a bare port means 127.0.0.1:PORT. Off by default.
+    #[arg(long, global = true, value_name = "ADDR", value_parser = metrics::http::parse_addr, help_heading = "Observability")]
+    metrics_addr: Option<SocketAddr>,
+    /// No live status line (it is only drawn when stderr is a terminal).
+    #[arg(short, long, global = true, help_heading = "Observability")]
+    quiet: bool,
+    /// -v logs each connection's end (bytes, duration, outcome); -vv everything at debug level.
+    #[arg(short, long, global = true, action = ArgAction::Count, help_heading = "Observability")]
+    verbose: u8,
 }
 
 /// `kubectl port-forward` through the API server.
@@ -295,6 +313,11 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         .map(|s| s.parse::<PortSpec>())
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
+    let name = match &upstream {
+        Upstream::Cri { sandbox, .. } => sandbox.chars().take(12).collect(),
+        Upstream::Url(url) => url.clone(),
+        Upstream::Api { pod, .. } => pod.clone(),
+    };
     let cfg = ForwardConfig {
         upstream,
         protocol: a.protocol,
@@ -302,6 +325,7 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         addresses: listen_addresses(&a.address)?,
         session: session_opts(&a.session),
         pool: a.pool.options(),
+        metrics: ForwardMetrics::new(&name),
     };
     let fwd = Forwarder::new(cfg, &specs)
         .await
@@ -321,6 +345,10 @@ fn listen_addresses(list: &[String]) -> Result<Vec<IpAddr>, String> {
 /// `ringfwd TYPE/NAME PORTS`: resolve the target through the API server, then forward.
 async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
     let target = a.target.as_deref().ok_or("missing TYPE/NAME")?;
+    let name = match &a.namespace {
+        Some(ns) => format!("{ns}/{target}"),
+        None => target.to_string(),
+    };
     let target: Target = target.parse().map_err(|e: ControlErr| e.to_string())?;
     let requests: Vec<PortRequest> = a
         .ports
@@ -374,6 +402,7 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
         addresses,
         session: session_opts(&a.session),
         pool: a.pool.options(),
+        metrics: ForwardMetrics::new(&name),
     };
     let fwd = Forwarder::new(cfg, &resolved.ports)
         .await
@@ -396,14 +425,37 @@ async fn run_forward(fwd: Arc<Forwarder>, specs: &[PortSpec]) -> Result<(), Stri
     }
     // Scripts wait for these lines: do not leave them in a pipe buffer.
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    // The live view (if on) starts below them.
+    status::show();
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
         tasks.spawn(fwd.clone().serve_listener(l));
     }
-    tokio::select! {
+    let res = tokio::select! {
         _ = tasks.join_next() => Ok(()),
         _ = tokio::signal::ctrl_c() => Ok(()),
+    };
+    status::finish();
+    res
+}
+
+/// Start what `--metrics-addr` and the live view need, before any forward exists (handles taken
+/// before the recorder is installed record nothing).
+async fn observe(metrics_addr: Option<SocketAddr>, live: bool) -> Result<(), String> {
+    if let Some(addr) = metrics_addr {
+        let bound = metrics::http::start(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("Metrics on http://{bound}/metrics");
     }
+    if metrics_addr.is_some() || live {
+        metrics::spawn_sampler(Duration::from_secs(1), move |forwards| {
+            if live {
+                status::draw(forwards);
+            }
+        });
+    }
+    Ok(())
 }
 
 async fn serve_cmd(a: ServeArgs) -> Result<(), String> {
@@ -449,17 +501,27 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    let default_filter = match cli.obs.verbose {
+        0 => "ringfwd=info",
+        1 => "ringfwd=info,ringfwd::conn=debug",
+        2 => "ringfwd=debug",
+        _ => "ringfwd=trace",
+    };
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(status::Stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "ringfwd=info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
+    let metrics_addr = cli.obs.metrics_addr;
+    // The live view is for forwards; serve and bench print their own output.
+    let live =
+        status::enabled(cli.obs.quiet) && matches!(cli.cmd, None | Some(Command::Forward(_)));
     let res = match cli.cmd {
-        Some(Command::Bench(a)) => bench::run(a),
+        Some(Command::Bench(a)) => bench::run(a, metrics_addr),
         Some(Command::Completion { shell }) => {
             let name = if as_plugin {
                 "kubectl-ringfwd"
@@ -479,6 +541,7 @@ pub fn main() -> ExitCode {
                 Err(e) => return fail(&format!("cannot start runtime: {e}")),
             };
             rt.block_on(async move {
+                observe(metrics_addr, live).await?;
                 match cmd {
                     Some(Command::Forward(a)) => forward(a).await,
                     Some(Command::Serve(a)) => serve_cmd(a).await,

@@ -9,16 +9,20 @@
 //!   session a connection rides on and replaces dead ones.
 //! - [`serve`]: the stream-server side (`ringfwd serve`), dialling targets on localhost or in a
 //!   network namespace.
-//! - [`bench`]: `ringfwd bench`, the built-in load generator and its embedded targets.
-//! - [`metrics`]: counters the data plane bumps.
+//! - [`bench`]: `ringfwd bench`, the built-in load generator and its embedded targets;
+//!   [`plot`] draws a run as SVG.
+//! - [`metrics`]: every exported metric, the per-connection stats the data plane bumps, the
+//!   Prometheus recorder and the `--metrics-addr` endpoint; [`status`] is the live status line.
 
 pub mod bench;
 pub mod cli;
 pub mod control;
 pub mod metrics;
+pub mod plot;
 pub mod proto;
 pub mod relay;
 pub mod serve;
+pub mod status;
 
 use std::time::Duration;
 

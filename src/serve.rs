@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::control::HALF_CLOSE_HEADER;
 use crate::control::upgrade::{PORT_FORWARD_PROTOCOL, SPDY_UPGRADE, STREAM_PROTOCOL_HEADER};
+use crate::metrics::{ForwardMetrics, Outcome};
 use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::{WsPortForward, handshake};
@@ -118,6 +119,13 @@ impl NetnsDialer {
     }
 }
 
+/// The connections this process serves to targets, counted as the forward `serve`. Created on
+/// first use, after the CLI installed the recorder.
+fn metrics() -> &'static ForwardMetrics {
+    static SERVE: LazyLock<ForwardMetrics> = LazyLock::new(|| ForwardMetrics::server("serve"));
+    &SERVE
+}
+
 /// Serve port-forward upgrades on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, dialer: Dialer, opts: SessionOptions) -> io::Result<()> {
     loop {
@@ -175,6 +183,10 @@ fn handle(req: Request<Body>, dialer: Dialer, opts: SessionOptions) -> Response<
             PORT_FORWARD_PROTOCOL.parse().unwrap(),
         );
         h.insert(HALF_CLOSE_HEADER, "1".parse().unwrap());
+        let opts = SessionOptions {
+            metrics: metrics().session("spdy"),
+            ..opts
+        };
         tokio::spawn(run_session(
             req,
             Box::new(SpdyPortForward::server()),
@@ -225,6 +237,10 @@ fn handle(req: Request<Body>, dialer: Dialer, opts: SessionOptions) -> Response<
         if let Some(p) = chosen {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, p.parse().unwrap());
         }
+        let opts = SessionOptions {
+            metrics: metrics().session("websocket"),
+            ..opts
+        };
         tokio::spawn(run_session(
             req,
             Box::new(WsPortForward::server(&ports)),
@@ -262,15 +278,17 @@ async fn run_session(
     {
         let session = session.clone();
         let dialer = dialer.clone();
+        let stream = metrics().accept(None, port);
         tokio::spawn(async move {
             match dialer.dial(port).await {
                 Ok(tcp) => {
-                    let outcome = relay_server_conn(&session, tcp, conn, inbound).await;
+                    let outcome = relay_server_conn(&session, tcp, conn, inbound, stream).await;
                     tracing::debug!("forwarded connection to port {port}: {outcome}");
                 }
                 Err(msg) => {
                     tracing::debug!("{msg}");
                     session.fail(conn, &msg);
+                    stream.finish(Outcome::LocalError, &msg);
                 }
             }
         });

@@ -108,6 +108,7 @@ impl Env {
                 ..SessionOptions::default()
             },
             pool,
+            metrics: ringfwd::metrics::ForwardMetrics::detached(),
         };
         let fwd = Forwarder::new(cfg, &specs).await.expect("forwarder");
         let listeners = fwd.bind(&specs).await.expect("bind");
@@ -765,6 +766,8 @@ fn bench_through_containerd(
         sandbox: Some(sb.id.clone()),
         targets_netns: Some(sb.netns.clone()),
         target_ports: None,
+        plot: None,
+        linger: None,
     };
     Trial::test("containerd::bench::spdy_1gib", move || {
         let report = ringfwd::bench::measure(&args)?;

@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, watch};
@@ -21,6 +22,7 @@ use super::cluster::Cluster;
 use super::cri::CriClient;
 use super::pool::{Pool, PoolOptions, SessionFactory};
 use super::upgrade::{Protocol, Upgraded, upgrade};
+use crate::metrics::ForwardMetrics;
 use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
@@ -92,6 +94,8 @@ pub struct ForwardConfig {
     pub session: SessionOptions,
     /// Sessions of a multiplexed protocol (SPDY, the tunnel): see [`super::pool`].
     pub pool: PoolOptions,
+    /// Where this forward's connections and sessions are counted (named after the forward).
+    pub metrics: ForwardMetrics,
 }
 
 /// A bound local port and where it forwards to.
@@ -169,7 +173,12 @@ impl Connector {
         &self,
         ports: &[u16],
     ) -> Result<(Upgraded, Box<dyn PortForwardProtocol>, SessionOptions), ControlError> {
-        let (up, protocol) = self.upgrade(ports).await?;
+        let setup = Instant::now();
+        let (up, protocol) = self.upgrade(ports).await.inspect_err(|_| {
+            self.cfg
+                .metrics
+                .session_setup_failed(self.protocol().label())
+        })?;
         let proto: Box<dyn PortForwardProtocol> = match protocol {
             Protocol::Spdy | Protocol::Tunnel if up.half_close => {
                 Box::new(SpdyPortForward::client().with_immediate_eof())
@@ -183,6 +192,10 @@ impl Connector {
         };
         let mut opts = self.cfg.session.clone();
         opts.forward_half_close = up.half_close;
+        opts.metrics = self
+            .cfg
+            .metrics
+            .session_set_up(protocol.label(), setup.elapsed());
         self.sessions_started.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("new {} session", protocol.name());
         Ok((up, proto, opts))
@@ -317,6 +330,7 @@ impl Forwarder {
     /// Relay one accepted connection; returns how it ended.
     pub async fn handle(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) -> ConnOutcome {
         tracing::debug!("handling connection from {peer} for port {remote}");
+        let stream = self.connector.cfg.metrics.accept(Some(peer), remote);
         let timeout = self.connector.cfg.pool.connect_timeout;
         let (session, outcome) = match &self.pool {
             Some(pool) => match tokio::time::timeout(timeout, pool.checkout(remote))
@@ -325,7 +339,7 @@ impl Forwarder {
             {
                 Ok((lease, conn, inbound)) => {
                     let s = lease.session().clone();
-                    let outcome = relay_opened_conn(&s, tcp, conn, inbound, lease).await;
+                    let outcome = relay_opened_conn(&s, tcp, conn, inbound, lease, stream).await;
                     (s, outcome)
                 }
                 Err(e) => return Self::no_session(tcp, peer, remote, e.to_string()),
@@ -346,7 +360,7 @@ impl Forwarder {
                 };
                 match started {
                     Ok((s, conn, inbound)) => {
-                        let outcome = relay_opened_conn(&s, tcp, conn, inbound, ()).await;
+                        let outcome = relay_opened_conn(&s, tcp, conn, inbound, (), stream).await;
                         s.close();
                         (s, outcome)
                     }

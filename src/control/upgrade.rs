@@ -41,6 +41,15 @@ impl Protocol {
         self != Protocol::Websocket
     }
 
+    /// The `protocol` metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Spdy => "spdy",
+            Protocol::Websocket => "websocket",
+            Protocol::Tunnel => "tunnel",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Spdy => "SPDY/3.1",

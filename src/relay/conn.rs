@@ -26,7 +26,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::session::{Inbound, Session};
 use super::{READ_BUF, RelayError};
-use crate::metrics::COUNTERS;
+use crate::metrics::{Outcome, Stream, StreamStats};
 use crate::proto::{ConnId, HEADROOM};
 
 /// How a forwarded connection ended.
@@ -50,6 +50,17 @@ pub enum ConnOutcome {
 impl ConnOutcome {
     pub fn is_clean(&self) -> bool {
         matches!(self, ConnOutcome::Clean { .. })
+    }
+
+    /// The `outcome` this counts as in the metrics.
+    pub fn counted(&self) -> Outcome {
+        match self {
+            ConnOutcome::Clean { .. } => Outcome::Clean,
+            ConnOutcome::RemoteError { .. } => Outcome::ServerError,
+            ConnOutcome::PeerReset => Outcome::ResetByPeer,
+            ConnOutcome::SessionLost(_) | ConnOutcome::Upstream(_) => Outcome::SessionLost,
+            ConnOutcome::Local(_) => Outcome::LocalError,
+        }
     }
 }
 
@@ -88,9 +99,19 @@ pub async fn relay_opened_conn<B: Send>(
     conn: ConnId,
     inbound: mpsc::Receiver<Inbound>,
     busy: B,
+    stream: Stream,
 ) -> ConnOutcome {
-    COUNTERS.conns_opened.fetch_add(1, Relaxed);
-    relay(session, tcp, conn, inbound, Side::Client, busy).await
+    let outcome = relay(
+        session,
+        tcp,
+        conn,
+        inbound,
+        Side::Client,
+        busy,
+        stream.stats(),
+    )
+    .await;
+    finish(stream, outcome)
 }
 
 /// Server role: relay upstream connection `conn` to the dialled target `tcp`.
@@ -99,8 +120,24 @@ pub async fn relay_server_conn(
     tcp: TcpStream,
     conn: ConnId,
     inbound: mpsc::Receiver<Inbound>,
+    stream: Stream,
 ) -> ConnOutcome {
-    relay(session, tcp, conn, inbound, Side::Server, ()).await
+    let outcome = relay(
+        session,
+        tcp,
+        conn,
+        inbound,
+        Side::Server,
+        (),
+        stream.stats(),
+    )
+    .await;
+    finish(stream, outcome)
+}
+
+fn finish(stream: Stream, outcome: ConnOutcome) -> ConnOutcome {
+    stream.finish(outcome.counted(), &outcome);
+    outcome
 }
 
 /// Microseconds since `base`, for timestamps shared between the two halves.
@@ -115,6 +152,7 @@ async fn relay<B: Send>(
     mut inbound: mpsc::Receiver<Inbound>,
     side: Side,
     busy: B,
+    stats: &StreamStats,
 ) -> ConnOutcome {
     super::tune_socket(&tcp);
     // A client-side FIN is held back from servers that would turn it into a 1 s kill timer
@@ -129,8 +167,6 @@ async fn relay<B: Send>(
     let eof_seen = AtomicBool::new(false);
     // Local bytes read but not yet handed to the session.
     let up_pending = AtomicBool::new(false);
-    let up_bytes = AtomicU64::new(0);
-    let down_bytes = AtomicU64::new(0);
     let eof_notify = Notify::new();
 
     let outcome = {
@@ -159,7 +195,7 @@ async fn relay<B: Send>(
                     session.close_write(conn).map_err(ConnOutcome::Upstream)?;
                     return Ok(false);
                 }
-                up_bytes.fetch_add(n as u64, Relaxed);
+                stats.add_up(n);
                 up_pending.store(true, Relaxed);
                 session
                     .send_data(conn, &mut buf)
@@ -174,7 +210,7 @@ async fn relay<B: Send>(
                     Inbound::Data(b) => {
                         last_down.store(micros_since(base), Relaxed);
                         wr.write_all(&b).await.map_err(ConnOutcome::Local)?;
-                        down_bytes.fetch_add(b.len() as u64, Relaxed);
+                        stats.add_down(b.len());
                     }
                     Inbound::Eof => {
                         eof_seen.store(true, Relaxed);
@@ -189,7 +225,7 @@ async fn relay<B: Send>(
                     Inbound::Error(message) => {
                         return Err(ConnOutcome::RemoteError {
                             message,
-                            sent: up_bytes.load(Relaxed),
+                            sent: stats.up(),
                         });
                     }
                     Inbound::Reset => return Err(ConnOutcome::PeerReset),
@@ -243,8 +279,8 @@ async fn relay<B: Send>(
                 Side::Server => session.finish(conn),
             }
             ConnOutcome::Clean {
-                up: up_bytes.load(Relaxed),
-                down: down_bytes.load(Relaxed),
+                up: stats.up(),
+                down: stats.down(),
             }
         }
         Err(e) => {
@@ -254,10 +290,6 @@ async fn relay<B: Send>(
                 }
                 _ => session.reset(conn),
             }
-            match &e {
-                ConnOutcome::RemoteError { .. } => COUNTERS.conns_failed.fetch_add(1, Relaxed),
-                _ => COUNTERS.conns_reset.fetch_add(1, Relaxed),
-            };
             // Never a clean FIN for a broken transfer: SO_LINGER 0 makes close send RST.
             let _ = tcp.set_zero_linger();
             e

@@ -4,8 +4,9 @@
 //! (from [`crate::proto`]): [`session`] runs the upstream connection (one reader, one writer,
 //! one keepalive timer) and [`conn`] relays one forwarded connection in both directions with
 //! half-close, reset and error semantics. It does not know how a session was set up (that is
-//! [`crate::control`]) nor what is exported as metrics (it bumps plain counters in
-//! [`crate::metrics`]).
+//! [`crate::control`]) nor what is exported as metrics: each connection bumps the plain atomics
+//! of its [`crate::metrics::StreamStats`], each session reports to its
+//! [`crate::metrics::SessionMetrics`].
 //!
 //! Backend: this is the epoll backend (tokio). Everything that touches a socket is here, so an
 //! io_uring backend can replace these files without touching protocol or control code.
@@ -21,6 +22,9 @@ use std::time::Duration;
 pub use conn::{ConnOutcome, relay_opened_conn, relay_server_conn};
 pub use session::{Inbound, Incoming, Session, SessionOptions};
 pub use tunnel::TunnelIo;
+
+/// This data plane, as the `data_plane` metric label names it.
+pub const DATA_PLANE: &str = "tokio";
 
 /// An upstream byte stream: a plain TCP socket from a stream server, or an upgraded (TLS, maybe
 /// tunnelled) connection through the API server.
@@ -94,6 +98,20 @@ pub enum RelayError {
     GoAway(String),
     #[error("session is closed")]
     SessionClosed,
+}
+
+impl RelayError {
+    /// What kind of failure ended a session (the `error` label of
+    /// `ringfwd_sessions_failed_total`); `None` for an orderly end.
+    pub fn failure_kind(&self) -> Option<&'static str> {
+        match self {
+            RelayError::Proto(_) => Some("protocol"),
+            RelayError::Io(_) => Some("io"),
+            RelayError::UpstreamClosed => Some("eof"),
+            RelayError::Unresponsive(_) => Some("unresponsive"),
+            RelayError::GoAway(_) | RelayError::SessionClosed => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::{CONN_QUEUE_FRAMES, READ_BUF, RelayError, SESSION_WRITE_BUDGET};
-use crate::metrics::COUNTERS;
+use crate::metrics::SessionMetrics;
 use crate::proto::{ConnId, Event, HEADROOM, PortForwardProtocol};
 
 /// How a session behaves; the defaults suit a forward to a cluster.
@@ -47,6 +47,8 @@ pub struct SessionOptions {
     /// on a server that does no flow control). Shared by the sessions of one forward, so
     /// the forward (and tests) can see a stall happen.
     pub stalls: Option<Arc<watch::Sender<usize>>>,
+    /// Where the session reports its start, end, PING round trips and stalls.
+    pub metrics: SessionMetrics,
 }
 
 impl Default for SessionOptions {
@@ -58,6 +60,7 @@ impl Default for SessionOptions {
             half_close_hold: super::DEFAULT_HALF_CLOSE_HOLD,
             half_close_quiet: super::DEFAULT_HALF_CLOSE_QUIET,
             stalls: None,
+            metrics: SessionMetrics::default(),
         }
     }
 }
@@ -99,6 +102,8 @@ struct Shared {
     /// Reader is waiting for a slow local client: silence upstream is then our doing.
     reader_blocked: AtomicBool,
     last_rx_ms: AtomicU64,
+    /// The PING in flight (its id, when it left), to time its answer.
+    ping: Mutex<Option<(u32, Instant)>>,
     started: Instant,
     max_payload: usize,
     opts: SessionOptions,
@@ -172,11 +177,12 @@ impl Session {
             peer_closed: AtomicBool::new(false),
             reader_blocked: AtomicBool::new(false),
             last_rx_ms: AtomicU64::new(0),
+            ping: Mutex::new(None),
             started: Instant::now(),
             max_payload,
             opts,
         });
-        COUNTERS.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        shared.opts.metrics.started();
         let ends = TaskEnds {
             out_rx,
             incoming_tx,
@@ -363,7 +369,6 @@ impl Session {
                 _permit: Some(permit),
             })
             .map_err(|_| RelayError::SessionClosed)?;
-        COUNTERS.bytes_up.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -431,9 +436,10 @@ impl Session {
             }
         });
         if first {
-            if !matches!(err, RelayError::UpstreamClosed | RelayError::SessionClosed) {
-                COUNTERS.sessions_failed.fetch_add(1, Ordering::Relaxed);
-            }
+            let failure = (!self.ended_in_order())
+                .then(|| err.failure_kind())
+                .flatten();
+            self.shared.opts.metrics.ended(failure);
             tracing::debug!("session ended: {reason}");
             self.shared.budget.close();
             // Dropping the senders ends every connection's inbound queue: they reset.
@@ -513,6 +519,8 @@ impl Session {
         // The local client is slower than upstream; the peer does no flow control, so the only
         // brake is to stop reading the session until this connection catches up.
         self.shared.reader_blocked.store(true, Ordering::Relaxed);
+        let stalled = Instant::now();
+        self.shared.opts.metrics.stall_begin();
         let stalls = self.shared.opts.stalls.as_ref();
         if let Some(w) = stalls {
             w.send_modify(|n| *n += 1);
@@ -521,6 +529,7 @@ impl Session {
         if let Some(w) = stalls {
             w.send_modify(|n| *n -= 1);
         }
+        self.shared.opts.metrics.stall_end(stalled.elapsed());
         self.shared.reader_blocked.store(false, Ordering::Relaxed);
         self.shared
             .last_rx_ms
@@ -532,12 +541,7 @@ impl Session {
 
     async fn dispatch(&self, ev: Event, incoming: &mpsc::Sender<Incoming>) {
         match ev {
-            Event::Data { conn, data } => {
-                COUNTERS
-                    .bytes_down
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                self.deliver(conn, Inbound::Data(data)).await
-            }
+            Event::Data { conn, data } => self.deliver(conn, Inbound::Data(data)).await,
             Event::Eof { conn } => self.deliver(conn, Inbound::Eof).await,
             Event::Error { conn, message } => self.deliver(conn, Inbound::Error(message)).await,
             Event::Reset { conn } => self.deliver(conn, Inbound::Reset).await,
@@ -555,7 +559,15 @@ impl Session {
                     self.fail(conn, "ringfwd serve is shutting down");
                 }
             }
-            Event::Pong { .. } => {}
+            Event::Pong { id } => {
+                let mut ping = self.shared.ping.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((sent_id, at)) = *ping
+                    && sent_id == id
+                {
+                    *ping = None;
+                    self.shared.opts.metrics.ping_rtt(at.elapsed());
+                }
+            }
             Event::GoAway { message } => {
                 tracing::debug!("upstream sent GOAWAY: {message}");
                 self.shared.peer_closed.store(true, Ordering::Release);
@@ -617,7 +629,10 @@ impl Session {
             }
             if idle >= opts.ping_interval {
                 let mut p = self.proto();
-                p.ping();
+                let id = p.ping();
+                // Timed from when it is queued: the writer sends it next, behind any data.
+                *self.shared.ping.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((id, Instant::now()));
                 self.flush(&mut p);
             }
         }
