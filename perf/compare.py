@@ -282,60 +282,59 @@ TARGETS = ["source", "sink", "echo", "greet"]
 # Paths
 
 
-def path_direct(targets_at):
+def path(targets_at, build):
+    """A factory of fresh stacks: the targets (`targets_at(stack)` gives their host and
+    ports), then `build(stack, host, ports)` adds what sits in between and sets the entry."""
+
     def make():
         s = Stack()
         host, t = targets_at(s)
-        s.entry = {k: (host, t[k]) for k in TARGETS}
+        build(s, host, t)
         return s
 
     return make
+
+
+def path_direct(targets_at):
+    def build(s, host, t):
+        s.entry = {k: (host, t[k]) for k in TARGETS}
+
+    return path(targets_at, build)
 
 
 def path_socat(targets_at, hops):
-    def make():
-        s = Stack()
-        host, t = targets_at(s)
+    def build(s, host, t):
         for k in TARGETS:
             dest = (host, t[k])
             for hop in range(hops, 0, -1):  # the hop nearest the target starts first
-                name = "socat" if hops == 1 else f"socat {hop}"
-                p, port = socat(name, *dest)
+                p, port = socat("socat" if hops == 1 else f"socat {hop}", *dest)
                 s.add(p)
                 dest = (LOCAL, port)
             s.entry[k] = dest
-        return s
 
-    return make
+    return path(targets_at, build)
 
 
 def path_ringfwd_serve(targets_at, metrics):
-    def make():
-        s = Stack()
-        host, t = targets_at(s)
+    def build(s, _host, t):
         serve, url = ringfwd_serve(metrics)
         s.add(serve)
         fwd, local = ringfwd_forward(["--url", url], [t[k] for k in TARGETS], metrics)
         s.add(fwd)
         s.entry = {k: (LOCAL, local[t[k]]) for k in TARGETS}
-        return s
 
-    return make
+    return path(targets_at, build)
 
 
-def path_ringfwd_cri(pod, metrics):
-    def make():
-        s = Stack()
-        t = pod["ports"]
+def path_ringfwd_cri(targets_at, pod, metrics):
+    def build(s, _host, t):
         upstream = ["--runtime-endpoint", pod["endpoint"], pod["sandbox"]]
         fwd, local = ringfwd_forward(upstream, [t[k] for k in TARGETS], metrics)
         s.add(fwd)
         s.add(pod["containerd"])
-        s.add(pod["target"])
         s.entry = {k: (LOCAL, local[t[k]]) for k in TARGETS}
-        return s
 
-    return make
+    return path(targets_at, build)
 
 
 class Shared:
@@ -728,7 +727,7 @@ def main():
         plan.append((f"socat -b {SOCAT_BUF} to pod IP", path_socat(pod_targets, 1), 0))
         for m in metrics_modes:
             plan.append(
-                (tag("ringfwd forward via containerd", m), path_ringfwd_cri(pod, m), IDLE_CONNS_CRI)
+                (tag("ringfwd forward via containerd", m), path_ringfwd_cri(pod_targets, pod, m), IDLE_CONNS_CRI)
             )
     else:
         log(f"containerd rows skipped: {why}")
