@@ -111,6 +111,12 @@ def rss_kib(pid):
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def loadavg():
+    """The 1, 5 and 15-minute load averages."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def machine_busy_seconds():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -458,9 +464,10 @@ def idle_memory(make, count):
 
 def measure(name, make, idle):
     """`idle`: how many idle connections to hold for the memory figure (0: none)."""
-    log(f"{name}: starting")
+    load = loadavg()
+    log(f"{name}: starting (load {load})")
     stack = make()
-    row = {"name": name, "processes": [[p.name, getattr(p, "argv", p.pid)] for p in stack.measured]}
+    row = {"name": name, "load_at_start": load, "processes": [[p.name, getattr(p, "argv", p.pid)] for p in stack.measured]}
     try:
         # Warm-up: sessions set up, first allocations done, before anything is timed.
         run_client("down", stack.entry["source"], 64 << 20)
@@ -614,8 +621,12 @@ def render(info, rows, cmd, load0, load1, started, seconds):
         f"kernel {info['kernel']}. Commit {info['commit']} ({info['ringfwd']}); {info['socat']}; "
         f"{info['containerd']}; Python {info['python']}. Open files limit {info['nofile']}.\n"
     )
-    out.append(f"Load average (1, 5, 15 min) at start: {load0}; at the end: {load1}. "
-               f"Run time {seconds / 60:.1f} min.\n")
+    out.append(
+        f"Load average (1, 5, 15 min) at start: {load0}; at the end: {load1} (the idle-connection "
+        "tests end with thousands of connections, and containerd threads, closing at once: "
+        "the last row's own teardown can inflate this figure). The 1-minute load at the start "
+        f"of each row is in the last column. Run time {seconds / 60:.1f} min.\n"
+    )
     out.append("Command:\n\n```sh\n" + cmd + "\n```\n")
     out.append(
         f"{BYTES / 2**30:g} GiB per transfer, median of {REPEATS}; CPU is seconds per GB "
@@ -626,12 +637,12 @@ def render(info, rows, cmd, load0, load1, started, seconds):
     )
     out.append(
         "| path | down Gbit/s | up Gbit/s | CPU s/GB down | CPU s/GB up | machine CPU s/GB "
-        "down / up | first byte p50 / p99 ms | 1-byte echo p50 / p99 ms | RSS per idle conn |"
+        "down / up | first byte p50 / p99 ms | 1-byte echo p50 / p99 ms | RSS per idle conn | load |"
     )
-    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['name']} | failed: {r['error'].splitlines()[0][:120]} |||||||| ")
+            out.append(f"| {r['name']} | failed: {r['error'].splitlines()[0][:120]} ||||||||| ")
             continue
         d, u = r["down"], r["up"]
         idle = "-"
@@ -647,9 +658,13 @@ def render(info, rows, cmd, load0, load1, started, seconds):
             f"| {cpu_cell(u['cpu_s_per_gb'], lambda n: not is_load(n))} "
             f"| {d['machine_cpu_s_per_gb']:.2f} / {u['machine_cpu_s_per_gb']:.2f} "
             f"| {r['first_byte']['p50_ms']:.3f} / {r['first_byte']['p99_ms']:.3f} "
-            f"| {r['echo']['p50_ms']:.3f} / {r['echo']['p99_ms']:.3f} | {idle} |"
+            f"| {r['echo']['p50_ms']:.3f} / {r['echo']['p99_ms']:.3f} | {idle} "
+            f"| {r['load_at_start'].split()[0]} |"
         )
-    out.append("\nThe load generator's own CPU (perf/client.py, perf/targets.py), s/GB down / up:\n")
+    out.append(
+        "\nThe load generator's own CPU, s/GB down / up (perf/client.py is a fresh Python process "
+        "per transfer, its start-up included; perf/targets.py runs for the whole row):\n"
+    )
     out.append("| path | client | target |")
     out.append("| --- | --- | --- |")
     for r in rows:
@@ -697,7 +712,7 @@ def main():
     wait_for_load()
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
-    load0 = " ".join(open("/proc/loadavg").read().split()[:3])
+    load0 = loadavg()
     metrics_modes = {"off": [False], "on": [True], "both": [False, True]}[METRICS]
 
     def tag(name, metrics):
@@ -744,7 +759,7 @@ def main():
     finally:
         if pod:
             stop_pod(pod)
-    load1 = " ".join(open("/proc/loadavg").read().split()[:3])
+    load1 = loadavg()
     info = machine()
     if not pod:
         info["containerd_rows"] = f"skipped: {why}"
