@@ -780,12 +780,15 @@ fn bench_through_containerd(
 /// For trying `ringfwd forward` by hand against a real pod (opt-in):
 /// `cargo test --test forward -- --ignored --nocapture containerd::manual::hold_sandbox`
 /// prints the runtime endpoint, the sandbox id and an echo port inside the pod, then keeps
-/// them until stdin ends (press Enter or Ctrl-D).
+/// them until stdin ends (press Enter or Ctrl-D). Scripts (perf/compare.sh) read the line that
+/// starts with `HOLD`: space-separated `key=value` pairs, `ip` (the pod IP) only when the
+/// runtime reported one, `source` a `ringfwd bench` source target in the pod.
 fn hold_sandbox_for_manual_use(
     c: &support::containerd::Containerd,
     sb: &support::containerd::Sandbox,
 ) -> Trial {
     let (ep, sandbox, netns) = (c.endpoint(), sb.id.clone(), sb.netns.clone());
+    let (ip, containerd_pid) = (sb.ip.clone(), c.pid());
     Trial::test("containerd::manual::hold_sandbox", move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -805,11 +808,13 @@ fn hold_sandbox_for_manual_use(
         })?;
         let source = ls.local_addr()?.port();
         rt.spawn(isolation::endless_source(ls));
+        let ip = ip.map(|ip| format!(" ip={ip}")).unwrap_or_default();
         println!(
             "\ncontainerd is up. In another shell:\n  ringfwd forward --runtime-endpoint {ep} {sandbox} :{port}\n\
              and talk to the printed local port (an echo server in the pod).\n\
              Press Enter here to tear down.\n\
-             HOLD endpoint={ep} sandbox={sandbox} netns={} echo={port} source={source}",
+             HOLD endpoint={ep} sandbox={sandbox} netns={} echo={port} source={source}{ip} \
+             containerd_pid={containerd_pid}",
             netns.display()
         );
         std::io::Write::flush(&mut std::io::stdout())?;

@@ -154,6 +154,11 @@ impl Containerd {
         format!("unix://{}", self.socket.display())
     }
 
+    /// containerd's process id (to read its CPU time and memory).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// containerd's log so far (for failure messages in tests).
     pub fn log_tail(&self) -> String {
         tail(&self.dir.path().join("containerd.log"), LOG_TAIL_LINES)
