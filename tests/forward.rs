@@ -384,14 +384,15 @@ async fn half_close(env: Env, protocol: Protocol) -> Result<(), Failed> {
     let mut tail = vec![0u8; REPLY];
     Stream(7).fill(&mut tail);
     want.extend_from_slice(&tail);
+    check_reply(&reply, &want, "reply after half-close")
+}
+
+/// `reply` is `want`: first its length (the message says how much arrived), then its bytes.
+fn check_reply(reply: &[u8], want: &[u8], what: &str) -> Result<(), Failed> {
     check(reply.len() == want.len(), || {
-        format!(
-            "reply after half-close: {} bytes, want {}",
-            reply.len(),
-            want.len()
-        )
+        format!("{what}: {} bytes, want {}", reply.len(), want.len())
     })?;
-    check(reply == want, || "reply after half-close differs".into())
+    check(reply == want, || format!("{what} differs"))
 }
 
 /// Expect the local side of a failed forward to see a reset, not an end of file.

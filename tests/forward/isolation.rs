@@ -252,16 +252,7 @@ pub async fn half_close_streaming_reply(env: Env, protocol: Protocol) -> Result<
         stream.fill(&mut chunk);
         want.extend_from_slice(&chunk);
     }
-    check(reply.len() == want.len(), || {
-        format!(
-            "reply streamed after half-close: {} bytes, want {}",
-            reply.len(),
-            want.len()
-        )
-    })?;
-    check(reply == want, || {
-        "reply streamed after half-close differs".into()
-    })
+    check_reply(&reply, &want, "reply streamed after half-close")
 }
 
 /// A TCP relay in front of the stream server that, once shut, swallows new connections
