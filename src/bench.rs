@@ -108,6 +108,7 @@ fn runtime(name: &str, threads: usize) -> Result<Runtime, String> {
 
 /// CPU seconds used so far by this process's threads whose name starts with `prefix`.
 pub fn thread_cpu_seconds(prefix: &str) -> f64 {
+    // Safety: sysconf(3) only reads a configuration value; it takes no pointers.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let mut ticks = 0u64;
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
