@@ -234,6 +234,15 @@ async fn eof_reply(l: TcpListener, reply_len: usize) {
     }
 }
 
+/// A count-prefixed request (u64 LE length, then that many bytes), as the targets read it:
+/// kubelet/containerd never pass a half-close on, so a target cannot wait for end of file.
+async fn read_counted(s: &mut TcpStream) -> Vec<u8> {
+    let n = s.read_u64_le().await.unwrap();
+    let mut req = vec![0u8; n as usize];
+    s.read_exact(&mut req).await.unwrap();
+    req
+}
+
 /// Target for half-close through kubelet/containerd, which never pass the client's FIN to the
 /// pod: a count-prefixed request, then a reply that starts `delay` later (a database thinking).
 /// The held FIN waits for a quiet server (1 s by default), so a think time below that works;
@@ -241,9 +250,7 @@ async fn eof_reply(l: TcpListener, reply_len: usize) {
 async fn slow_reply(l: TcpListener, reply_len: usize, delay: Duration) {
     while let Ok((mut s, _)) = l.accept().await {
         tokio::spawn(async move {
-            let n = s.read_u64_le().await.unwrap();
-            let mut req = vec![0u8; n as usize];
-            s.read_exact(&mut req).await.unwrap();
+            let req = read_counted(&mut s).await;
             tokio::time::sleep(delay).await; // the target's own think time, not synchronisation
             let mut reply = vec![0u8; reply_len];
             Stream(7).fill(&mut reply);

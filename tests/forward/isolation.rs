@@ -25,9 +25,7 @@ pub async fn endless_source(l: TcpListener) {
 async fn streaming_reply(l: TcpListener, chunks: usize, gap: Duration) {
     while let Ok((mut s, _)) = l.accept().await {
         tokio::spawn(async move {
-            let n = s.read_u64_le().await.unwrap();
-            let mut req = vec![0u8; n as usize];
-            s.read_exact(&mut req).await.unwrap();
+            let req = read_counted(&mut s).await;
             s.write_all(&Sha256::digest(&req)).await.unwrap();
             let mut stream = Stream(13);
             let mut chunk = vec![0u8; 64 * 1024];
