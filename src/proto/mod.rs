@@ -97,6 +97,37 @@ pub trait PortForwardProtocol: Send {
         usize::MAX
     }
 
+    /// Moving payload without reading it (splice). The input is inside a payload for `conn`
+    /// that would be delivered as [`Event::Data`]: returns the connection and how many bytes of
+    /// it are left. A caller may move up to that many bytes from its input straight to the
+    /// connection and report them with [`payload_moved`](Self::payload_moved), instead of
+    /// reading them into the buffer it passes to [`handle_input`](Self::handle_input). `None`
+    /// when the protocol cannot allow it (masked or channel-tagged payload).
+    fn payload_in_progress(&self) -> Option<(ConnId, usize)> {
+        None
+    }
+
+    /// `n` bytes of the payload [`payload_in_progress`](Self::payload_in_progress) reported
+    /// were moved by the caller. Events it causes (an end of file) come from the next
+    /// [`handle_input`](Self::handle_input).
+    fn payload_moved(&mut self, _n: usize) -> Result<(), ProtoError> {
+        Err(ProtoError::Unsupported("moving payload outside the parser"))
+    }
+
+    /// For a caller that moves payload itself: how many bytes to read next into the buffer
+    /// holding `buffered` so that no payload it could move is pulled in (the rest of a frame
+    /// header, a control frame). `None`: read as much as convenient.
+    fn read_hint(&self, _buffered: &[u8]) -> Option<usize> {
+        None
+    }
+
+    /// The frame header for `len` payload bytes on `conn` that the caller sends right after it
+    /// without the protocol seeing them (spliced). `None` when the protocol must see the
+    /// payload to frame it (WebSocket masks it).
+    fn payload_header(&mut self, _conn: ConnId, _len: usize) -> Result<Option<Bytes>, ProtoError> {
+        Ok(None)
+    }
+
     /// Whether [`close_write`](Self::close_write) reaches the peer. WebSocket v4 has no
     /// half-close on the wire: a relay must end such a connection itself.
     fn half_close_on_wire(&self) -> bool {

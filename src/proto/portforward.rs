@@ -609,6 +609,44 @@ impl PortForwardProtocol for SpdyPortForward {
         MAX_PAYLOAD
     }
 
+    fn payload_in_progress(&self) -> Option<(ConnId, usize)> {
+        let (sid, left) = self.session.data_in_progress()?;
+        let &(conn_id, kind) = self.streams.get(&sid)?;
+        let conn = self.conns.get(&conn_id)?;
+        (kind == Kind::Data && conn.announced && !conn.failed).then_some((conn_id, left))
+    }
+
+    fn payload_moved(&mut self, n: usize) -> Result<(), ProtoError> {
+        if self.payload_in_progress().is_none() {
+            return Err(ProtoError::Unsupported(
+                "moving payload that is not a connection's",
+            ));
+        }
+        if let Some(ev) = self.session.data_moved(n)? {
+            self.on_event(ev);
+        }
+        Ok(())
+    }
+
+    fn read_hint(&self, buffered: &[u8]) -> Option<usize> {
+        Some(self.session.read_hint(buffered))
+    }
+
+    fn payload_header(&mut self, conn: ConnId, len: usize) -> Result<Option<Bytes>, ProtoError> {
+        if len > MAX_PAYLOAD {
+            return Err(ProtoError::PayloadTooLarge {
+                len,
+                max: MAX_PAYLOAD,
+            });
+        }
+        let sid = self.data_stream(conn)?;
+        let header = self
+            .session
+            .data_header(sid, len, false)
+            .map_err(|e| write_error(conn, e))?;
+        Ok(Some(Bytes::copy_from_slice(&header)))
+    }
+
     /// FIN on the data stream. On the server the error stream stays open, so a later
     /// [`fail`](PortForwardProtocol::fail) can still report; [`finish`](PortForwardProtocol::finish)
     /// closes it.
@@ -1107,6 +1145,50 @@ mod tests {
             out.push(ev);
         }
         out
+    }
+
+    /// A relay that splices: only a connection's data-stream payload may be moved; error text
+    /// still goes through the parser; a FIN on moved payload still waits for the error stream.
+    #[test]
+    fn client_payload_moved_by_the_relay() {
+        let (mut c, mut raw, _) = client_with_raw_server(1);
+        assert_eq!(feed(&mut c, &mut raw), vec![]);
+        let mut wire = BytesMut::new();
+        // Header only: the parser stops inside the payload.
+        let h = raw.data_header(3, 1000, true).unwrap();
+        wire.extend_from_slice(&h);
+        assert_eq!(c.read_hint(&wire), Some(1), "a DATA header: parse it");
+        assert_eq!(c.handle_input(&mut wire).unwrap(), None);
+        assert_eq!(c.payload_in_progress(), Some((0, 1000)));
+        assert_eq!(c.read_hint(&wire), Some(1000 + 8));
+        c.payload_moved(600).unwrap();
+        assert_eq!(c.payload_in_progress(), Some((0, 400)));
+        c.payload_moved(400).unwrap();
+        // containerd's order: data FIN first, then the error stream: no Eof before it.
+        assert_eq!(c.handle_input(&mut wire).unwrap(), None);
+        assert_eq!(c.payload_in_progress(), None);
+        assert!(c.payload_moved(1).is_err());
+        // Error-stream text is never handed out for moving.
+        let h = raw.data_header(1, 4, false).unwrap();
+        wire.extend_from_slice(&h);
+        assert_eq!(c.handle_input(&mut wire).unwrap(), None);
+        assert_eq!(c.payload_in_progress(), None);
+        wire.extend_from_slice(b"oops");
+        assert_eq!(c.handle_input(&mut wire).unwrap(), None);
+        raw.send_data(1, b"", true).unwrap();
+        assert_eq!(
+            feed(&mut c, &mut raw),
+            vec![Event::Error {
+                conn: 0,
+                message: "oops".into()
+            }]
+        );
+        // Headers for spliced upload payload are the DATA headers frame_data writes.
+        let (mut c, _raw, _) = client_with_raw_server(1);
+        let h = c.payload_header(0, 70_000).unwrap().unwrap();
+        assert_eq!(&h[..], &[0, 0, 0, 3, 0, 1, 0x11, 0x70]);
+        assert!(c.payload_header(9, 1).is_err());
+        assert!(c.payload_header(0, MAX_PAYLOAD + 1).is_err());
     }
 
     #[test]

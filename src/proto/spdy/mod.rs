@@ -57,6 +57,9 @@ pub enum SpdyError {
     GoingAway,
     #[error("session already failed")]
     Failed,
+    /// The caller broke the API's contract (a bug on our side, never the peer's).
+    #[error("misuse: {0}")]
+    Misuse(&'static str),
 }
 
 /// Entry points for the fuzz targets in `tests/fuzz`, also run by the unit tests. Each checks

@@ -473,6 +473,82 @@ impl Session {
         }
     }
 
+    /// The DATA payload the parser is inside of, if it will be delivered: its stream and the
+    /// bytes of it not yet consumed. A caller that can move payload without reading it (splice)
+    /// moves up to that many bytes itself and reports them with [`data_moved`](Self::data_moved).
+    pub fn data_in_progress(&self) -> Option<(StreamId, usize)> {
+        match self.read {
+            ReadState::Data {
+                stream_id,
+                remaining,
+                deliver: true,
+                ..
+            } if self.streams.contains_key(&stream_id) => Some((stream_id, remaining)),
+            _ => None,
+        }
+    }
+
+    /// `n` bytes of the payload [`data_in_progress`](Self::data_in_progress) reported went to
+    /// their destination without passing through [`handle_input`](Self::handle_input). Returns
+    /// the event `handle_input` would have returned for them, with empty `data` (it matters only
+    /// when it carries the frame's FIN). Moving more than is left is a caller bug and is refused.
+    pub fn data_moved(&mut self, n: usize) -> Result<Option<SpdyEvent>, SpdyError> {
+        let Some((stream_id, remaining)) = self.data_in_progress() else {
+            return Err(SpdyError::Misuse("payload moved outside a DATA frame"));
+        };
+        if n > remaining {
+            return Err(SpdyError::Misuse("moved more payload than the frame holds"));
+        }
+        let ReadState::Data { fin, .. } = self.read else {
+            unreachable!("data_in_progress checked the state")
+        };
+        self.stats.bytes_in += n as u64;
+        self.stats.data_bytes_in += n as u64;
+        let remaining = remaining - n;
+        if remaining > 0 {
+            self.read = ReadState::Data {
+                stream_id,
+                remaining,
+                fin,
+                deliver: true,
+            };
+            return Ok(None);
+        }
+        self.read = ReadState::Header;
+        if fin {
+            self.close_remote(stream_id);
+        }
+        Ok(fin.then_some(SpdyEvent::Data {
+            stream_id,
+            data: Bytes::new(),
+            fin,
+        }))
+    }
+
+    /// How many bytes to read next so that no payload a caller could move itself is pulled
+    /// into its buffer: up to the end of the next frame header (or of the control frame it
+    /// starts), or to the end of a payload that is not delivered plus the header after it.
+    /// `buffered` is what the caller holds unconsumed.
+    pub fn read_hint(&self, buffered: &[u8]) -> usize {
+        let have = buffered.len();
+        match self.read {
+            ReadState::Data { remaining, .. } => {
+                (remaining + FRAME_HEADER_LEN).saturating_sub(have).max(1)
+            }
+            ReadState::Header if have < FRAME_HEADER_LEN => FRAME_HEADER_LEN - have,
+            ReadState::Header => {
+                let h: &[u8; FRAME_HEADER_LEN] =
+                    buffered[..FRAME_HEADER_LEN].try_into().expect("8 bytes");
+                match FrameHeader::parse(h) {
+                    FrameHeader::Control { len, .. } => {
+                        (FRAME_HEADER_LEN + len).saturating_sub(have).max(1)
+                    }
+                    FrameHeader::Data { .. } => 1,
+                }
+            }
+        }
+    }
+
     fn on_control(&mut self, frame: ControlFrame) -> Result<Option<SpdyEvent>, SpdyError> {
         Ok(match frame {
             ControlFrame::SynStream {
@@ -1032,6 +1108,62 @@ mod tests {
         assert_eq!(data.len(), 10_000_000 - 1000);
         assert!(s.is_open(1)); // our side still open
         assert!(s.can_send(1));
+    }
+
+    /// A caller that splices payload: the hint never reaches into a payload, what it moves is
+    /// accounted as if read, the FIN comes with the last moved byte, and the next frame parses.
+    #[test]
+    fn payload_moved_by_the_caller() {
+        let mut s = primed_client();
+        let mut ping = BytesMut::new();
+        ControlFrame::Ping { id: 8 }.encode(&mut ping);
+        let mut buf = BytesMut::new();
+        assert_eq!(s.read_hint(&buf), FRAME_HEADER_LEN);
+        buf.extend_from_slice(&ping[..3]);
+        assert_eq!(s.read_hint(&buf), FRAME_HEADER_LEN - 3);
+        buf.extend_from_slice(&ping[3..8]);
+        assert_eq!(
+            s.read_hint(&buf),
+            ping.len() - 8,
+            "the rest of the control frame"
+        );
+        buf.extend_from_slice(&ping[8..]);
+        assert!(s.handle_input(&mut buf).unwrap().is_none()); // the peer's PING: answered
+        assert!(s.data_in_progress().is_none());
+        buf.extend_from_slice(&data_header(1, FLAG_FIN, 5000));
+        buf.extend_from_slice(&[9u8; 100]);
+        assert!(matches!(
+            s.handle_input(&mut buf).unwrap(),
+            Some(SpdyEvent::Data {
+                stream_id: 1,
+                fin: false,
+                ..
+            })
+        ));
+        assert_eq!(s.data_in_progress(), Some((1, 4900)));
+        assert!(s.data_moved(4901).is_err(), "more than the frame holds");
+        assert_eq!(s.data_moved(900).unwrap(), None);
+        assert_eq!(s.data_in_progress(), Some((1, 4000)));
+        assert_eq!(
+            s.data_moved(4000).unwrap(),
+            Some(SpdyEvent::Data {
+                stream_id: 1,
+                data: Bytes::new(),
+                fin: true
+            })
+        );
+        assert!(s.data_in_progress().is_none());
+        assert!(s.data_moved(1).is_err(), "outside a frame");
+        assert_eq!(s.stats().data_bytes_in, 5000);
+        // The peer's FIN closed its side: a second frame on stream 1 is not ours to move.
+        buf.extend_from_slice(&data_header(1, 0, 10));
+        let _ = s.handle_input(&mut buf).unwrap();
+        assert!(s.data_in_progress().is_none());
+        assert_eq!(
+            s.read_hint(&buf),
+            10 + FRAME_HEADER_LEN,
+            "skip it, then a header"
+        );
     }
 
     #[test]
