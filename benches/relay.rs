@@ -8,14 +8,15 @@
 //! `loopback/direct` is the same client talking to the targets without a relay: the ceiling.
 //!
 //! Groups are named `relay/<backend>`, with `<protocol>/<direction>` inside. The data plane
-//! is a [`Backend`]; today there is one, `tokio`. An io_uring or epoll data plane is one more
-//! entry in [`backends`].
+//! is a [`Backend`]: `epoll` (splice between plain TCP sockets) and `copy` (read/write through
+//! user memory), both on tokio's epoll reactor. An io_uring data plane is one more entry in
+//! [`backends`].
 //!
 //! The load (client and targets) and the system under test (serve and forwarder) each run on
 //! a runtime of their own, as they would in separate processes.
 //!
 //! Run: `cargo bench --bench relay` (about a minute), or e.g. `cargo bench --bench relay --
-//! relay/tokio/spdy` for a subset.
+//! relay/epoll/spdy` for a subset.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -73,14 +74,15 @@ trait Backend {
     fn start(&mut self, protocol: Protocol, targets: TargetPorts) -> Entry;
 }
 
-/// Today's data plane: tokio read/write copies.
+/// A data plane on tokio's epoll reactor, splicing or copying.
 struct Tokio {
     rt: Runtime,
+    splice: bool,
 }
 
 impl Backend for Tokio {
     fn name(&self) -> &'static str {
-        "tokio"
+        if self.splice { "epoll" } else { "copy" }
     }
 
     fn start(&mut self, protocol: Protocol, targets: TargetPorts) -> Entry {
@@ -88,9 +90,13 @@ impl Backend for Tokio {
             let (l, url) = serve::bind((Ipv4Addr::LOCALHOST, 0).into())
                 .await
                 .expect("serve: bind");
+            let session = SessionOptions {
+                splice: self.splice,
+                ..SessionOptions::default()
+            };
             let opts = SessionOptions {
                 forward_half_close: true,
-                ..SessionOptions::default()
+                ..session.clone()
             };
             tokio::spawn(serve::serve(l, serve::Dialer::Local, opts));
             let specs = [targets.source, targets.sink].map(|remote| PortSpec { local: 0, remote });
@@ -99,7 +105,7 @@ impl Backend for Tokio {
                 protocol,
                 fallback_to_spdy: false,
                 addresses: vec![Ipv4Addr::LOCALHOST.into()],
-                session: SessionOptions::default(),
+                session,
                 pool: PoolOptions::default(),
                 metrics: ringfwd::metrics::ForwardMetrics::detached(),
             };
@@ -118,9 +124,18 @@ impl Backend for Tokio {
 }
 
 fn backends() -> Vec<Box<dyn Backend>> {
-    vec![Box::new(Tokio {
-        rt: runtime("sut-tokio"),
-    })]
+    let mut out: Vec<Box<dyn Backend>> = Vec::new();
+    if ringfwd::relay::splice_available() {
+        out.push(Box::new(Tokio {
+            rt: runtime("sut-epoll"),
+            splice: true,
+        }));
+    }
+    out.push(Box::new(Tokio {
+        rt: runtime("sut-copy"),
+        splice: false,
+    }));
+    out
 }
 
 /// Ask the source for `n` bytes and read them all.

@@ -415,8 +415,9 @@ impl std::fmt::Display for Report {
         let gbit = |d: Duration| self.bytes as f64 * 8.0 / d.as_secs_f64() / 1e9;
         writeln!(
             f,
-            "ringfwd bench: {} ({:.2} GiB each way)",
+            "ringfwd bench: {}, data plane {} ({:.2} GiB each way)",
             self.mode,
+            crate::relay::data_plane().name(),
             self.bytes as f64 / (1u64 << 30) as f64
         )?;
         writeln!(f, "{:<34} value", "metric")?;

@@ -16,7 +16,7 @@ use crate::control::forward::{ForwardConfig, Forwarder, PortSpec, Upstream};
 use crate::control::pool::{self, PoolOptions};
 use crate::control::upgrade::Protocol;
 use crate::metrics::ForwardMetrics;
-use crate::relay::SessionOptions;
+use crate::relay::{DataPlane, SessionOptions};
 use crate::{bench, metrics, parse_duration, serve, status};
 
 const ABOUT: &str = "Forward one or more local ports to a pod, fast, and keep the forward up.";
@@ -88,6 +88,10 @@ struct ObsArgs {
     /// -v logs each connection's end (bytes, duration, outcome); -vv everything at debug level.
     #[arg(short, long, global = true, action = ArgAction::Count, help_heading = "Observability")]
     verbose: u8,
+    /// How payload moves: `epoll` splices it between plain TCP sockets (stream servers, serve)
+    /// without copying; `copy` copies it; `auto` is epoll where splice(2) is allowed.
+    #[arg(long, global = true, value_enum, default_value = "auto", env = crate::relay::DATA_PLANE_ENV, help_heading = "Data plane")]
+    data_plane: DataPlane,
 }
 
 /// `kubectl port-forward` through the API server.
@@ -516,6 +520,10 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
+    match crate::relay::select_data_plane(cli.obs.data_plane) {
+        Ok(d) => tracing::debug!("data plane: {}", d.name()),
+        Err(e) => return fail(&e.to_string()),
+    }
     let metrics_addr = cli.obs.metrics_addr;
     // The live view is for forwards; serve and bench print their own output.
     let live =

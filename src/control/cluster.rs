@@ -343,7 +343,7 @@ impl Cluster {
             _ => Box::new(io),
         };
         Ok(Upgraded {
-            io,
+            io: io.into(),
             prefix: Default::default(),
             half_close,
         })

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 
 use super::{ControlError, HALF_CLOSE_HEADER};
 use crate::proto::ws::handshake;
-use crate::relay::UpstreamIo;
+use crate::relay::UpstreamConn;
 
 /// Which upgrade to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -65,7 +65,7 @@ pub const STREAM_PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 
 /// An upgraded connection, ready for a session.
 pub struct Upgraded {
-    pub io: Box<dyn UpstreamIo>,
+    pub io: UpstreamConn,
     /// Bytes read from the connection after the 101 response.
     pub prefix: Bytes,
     /// The server passes a half-close on to the target.
@@ -248,7 +248,7 @@ pub async fn upgrade(
                 what: "a plain TCP connection".into(),
             })?;
     Ok(Upgraded {
-        io: Box::new(parts.io.into_inner()),
+        io: UpstreamConn::Tcp(parts.io.into_inner()),
         prefix: parts.read_buf,
         half_close,
     })

@@ -17,7 +17,7 @@ use metrics::{Counter, Gauge, counter, gauge, histogram};
 use super::histogram::LocalHistogram;
 use super::names::*;
 use super::stream::{Stream, StreamStats};
-use super::{DATA_PLANE, Outcome};
+use super::{Outcome, data_plane};
 
 const UP: usize = 0;
 const DOWN: usize = 1;
@@ -216,6 +216,8 @@ impl ForwardMetrics {
     }
 
     fn build(name: &str, server: bool) -> Self {
+        #[allow(non_snake_case)]
+        let DATA_PLANE = data_plane();
         let f = || (L_FORWARD, name.to_string());
         let dp = || (L_DATA_PLANE, DATA_PLANE.to_string());
         let dir = |d: usize| (L_DIRECTION, DIRECTIONS[d].to_string());

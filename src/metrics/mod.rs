@@ -32,7 +32,9 @@ pub use forward::{
 pub use stream::{Stream, StreamStats};
 
 /// The data plane whose numbers these are (the `data_plane` label).
-pub const DATA_PLANE: &str = crate::relay::DATA_PLANE;
+pub fn data_plane() -> &'static str {
+    crate::relay::data_plane().name()
+}
 
 /// How a connection ended, as counted (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +85,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
     names::describe();
     metrics::gauge!(names::BUILD_INFO, names::L_VERSION => env!("CARGO_PKG_VERSION")).set(1.0);
-    metrics::gauge!(names::DATA_PLANE_INFO, names::L_DATA_PLANE => DATA_PLANE).set(1.0);
+    metrics::gauge!(names::DATA_PLANE_INFO, names::L_DATA_PLANE => data_plane()).set(1.0);
     Ok(handle)
 }
 

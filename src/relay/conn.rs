@@ -16,6 +16,7 @@
 //! clean end of file.
 
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -24,8 +25,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 
+use super::pipe::{self, Pipe, SpliceIn};
 use super::session::{Inbound, Session};
-use super::{READ_BUF, RelayError};
+use super::{RelayError, SMALL_READ, SPLICE_MIN};
 use crate::metrics::{Outcome, Stream, StreamStats};
 use crate::proto::{ConnId, HEADROOM};
 
@@ -173,15 +175,78 @@ async fn relay<B: Send>(
         let (mut rd, mut wr) = tcp.split();
         let up = async {
             let max = session.max_payload();
-            let mut buf = BytesMut::with_capacity(HEADROOM + READ_BUF);
+            let mut buf = BytesMut::new();
+            // Spliced upload: the pipe this connection's payload waits in for the writer.
+            let mut pipe: Option<Arc<Pipe>> = None;
+            // Copy small messages, splice bulk: start copying, splice once a read fills
+            // SMALL_READ, copy again after a splice that moved less than SPLICE_MIN.
+            let mut bulk = false;
             loop {
-                buf.clear();
-                buf.reserve(HEADROOM + max);
-                buf.put_bytes(0, HEADROOM);
-                let n = rd
-                    .read_buf(&mut (&mut buf).limit(max))
-                    .await
-                    .map_err(ConnOutcome::Local)?;
+                // Nothing is allocated before the client sends: an idle connection holds no
+                // buffer and no pipe (ours is closed once the writer is done with it).
+                if pipe
+                    .as_ref()
+                    .is_some_and(|p| Arc::strong_count(p) == 1 && p.fill() == 0)
+                {
+                    pipe = None;
+                }
+                rd.as_ref().readable().await.map_err(ConnOutcome::Local)?;
+                let n = if bulk && session.can_splice() {
+                    let p = match &pipe {
+                        Some(p) => p.clone(),
+                        None => pipe
+                            .insert(Arc::new(Pipe::new().map_err(ConnOutcome::Local)?))
+                            .clone(),
+                    };
+                    let n = match pipe::splice_from(rd.as_ref(), &p, max)
+                        .await
+                        .map_err(ConnOutcome::Local)?
+                    {
+                        SpliceIn::Moved(n) => n,
+                        SpliceIn::Eof => 0,
+                        SpliceIn::Full => {
+                            // The writer has not sent what is in the pipe yet.
+                            p.drained().await;
+                            continue;
+                        }
+                    };
+                    bulk = n >= SPLICE_MIN;
+                    if n > 0 {
+                        stats.add_up(n);
+                        up_pending.store(true, Relaxed);
+                        session
+                            .send_spliced(conn, &p, n)
+                            .await
+                            .map_err(ConnOutcome::Upstream)?;
+                        up_pending.store(false, Relaxed);
+                    }
+                    n
+                } else {
+                    // Spliceable or not, a bulk sender's reads are as large as frames allow.
+                    let limit = if session.can_splice() {
+                        SMALL_READ
+                    } else {
+                        max
+                    };
+                    buf.clear();
+                    buf.reserve(HEADROOM + limit);
+                    buf.put_bytes(0, HEADROOM);
+                    let n = rd
+                        .read_buf(&mut (&mut buf).limit(limit))
+                        .await
+                        .map_err(ConnOutcome::Local)?;
+                    bulk = n == limit;
+                    if n > 0 {
+                        stats.add_up(n);
+                        up_pending.store(true, Relaxed);
+                        session
+                            .send_data(conn, &mut buf)
+                            .await
+                            .map_err(ConnOutcome::Upstream)?;
+                        up_pending.store(false, Relaxed);
+                    }
+                    n
+                };
                 if n == 0 {
                     drop(busy.take());
                     if hold_fin && !eof_seen.load(Relaxed) {
@@ -195,13 +260,6 @@ async fn relay<B: Send>(
                     session.close_write(conn).map_err(ConnOutcome::Upstream)?;
                     return Ok(false);
                 }
-                stats.add_up(n);
-                up_pending.store(true, Relaxed);
-                session
-                    .send_data(conn, &mut buf)
-                    .await
-                    .map_err(ConnOutcome::Upstream)?;
-                up_pending.store(false, Relaxed);
             }
         };
         let down = async {
@@ -211,6 +269,17 @@ async fn relay<B: Send>(
                         last_down.store(micros_since(base), Relaxed);
                         wr.write_all(&b).await.map_err(ConnOutcome::Local)?;
                         stats.add_down(b.len());
+                    }
+                    Inbound::Piped { pipe, len } => {
+                        last_down.store(micros_since(base), Relaxed);
+                        let more = !inbound.is_empty();
+                        pipe::splice_to(wr.as_ref(), &pipe, len, more)
+                            .await
+                            .map_err(ConnOutcome::Local)?;
+                        stats.add_down(len);
+                        if pipe.fill() == 0 {
+                            session.pipe_drained(conn, &pipe);
+                        }
                     }
                     Inbound::Eof => {
                         eof_seen.store(true, Relaxed);

@@ -14,6 +14,7 @@
 //! [`PortForwardProtocol`]: crate::proto::PortForwardProtocol
 
 pub mod conn;
+pub mod pipe;
 pub mod session;
 pub mod tunnel;
 
@@ -23,8 +24,71 @@ pub use conn::{ConnOutcome, relay_opened_conn, relay_server_conn};
 pub use session::{Inbound, Incoming, Session, SessionOptions};
 pub use tunnel::TunnelIo;
 
-/// This data plane, as the `data_plane` metric label names it.
-pub const DATA_PLANE: &str = "tokio";
+/// How payload moves between local sockets and upstream sessions. One per process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataPlane {
+    /// `epoll` where splice(2) works, else `copy` (with one log line saying why).
+    Auto,
+    /// The epoll reactor (tokio); payload to and from plain TCP upstreams (stream servers,
+    /// `ringfwd serve`) moves with splice(2) through pipes, never through user memory. TLS and
+    /// WebSocket upstreams are copied.
+    Epoll,
+    /// The epoll reactor, every payload copied through user memory (what `epoll` falls back to,
+    /// and a baseline to measure it against).
+    Copy,
+}
+
+impl DataPlane {
+    /// The `data_plane` metric label and log name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataPlane::Auto => "auto",
+            DataPlane::Epoll => "epoll",
+            DataPlane::Copy => "copy",
+        }
+    }
+}
+
+static DATA_PLANE: std::sync::OnceLock<DataPlane> = std::sync::OnceLock::new();
+
+/// Environment variable that picks the data plane where no `--data-plane` flag did (the test
+/// suite runs once per data plane this way).
+pub const DATA_PLANE_ENV: &str = "RINGFWD_DATA_PLANE";
+
+/// Settle this process's data plane: `Auto` probes for splice(2). Asking for `Epoll` where
+/// splice is refused (an old kernel, a seccomp profile) is an error naming the way out. The
+/// first call wins; later ones return what it chose.
+pub fn select_data_plane(want: DataPlane) -> Result<DataPlane, RelayError> {
+    let chosen = match want {
+        DataPlane::Auto if splice_available() => DataPlane::Epoll,
+        DataPlane::Auto => {
+            tracing::warn!(
+                "splice(2) is not available here (kernel or seccomp profile): payload is copied (data plane \"copy\")"
+            );
+            DataPlane::Copy
+        }
+        DataPlane::Epoll if !splice_available() => {
+            return Err(RelayError::Unavailable(
+                "data plane \"epoll\" needs splice(2), which this kernel or seccomp profile refuses; use --data-plane copy or auto",
+            ));
+        }
+        other => other,
+    };
+    Ok(*DATA_PLANE.get_or_init(|| chosen))
+}
+
+/// This process's data plane: as selected, else from [`DATA_PLANE_ENV`], else `Auto`.
+pub fn data_plane() -> DataPlane {
+    if let Some(d) = DATA_PLANE.get() {
+        return *d;
+    }
+    let want = std::env::var(DATA_PLANE_ENV)
+        .ok()
+        .and_then(|v| <DataPlane as clap::ValueEnum>::from_str(&v, true).ok())
+        .unwrap_or(DataPlane::Auto);
+    select_data_plane(want)
+        .unwrap_or_else(|_| select_data_plane(DataPlane::Auto).unwrap_or(DataPlane::Copy))
+}
 
 /// An upstream byte stream: a plain TCP socket from a stream server, or an upgraded (TLS, maybe
 /// tunnelled) connection through the API server.
@@ -34,9 +98,45 @@ pub trait UpstreamIo:
 }
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> UpstreamIo for T {}
 
+/// An upstream connection as a session gets it.
+pub enum UpstreamConn {
+    /// Plain TCP (a stream server, `ringfwd serve`): payload may be spliced.
+    Tcp(tokio::net::TcpStream),
+    /// Anything else (TLS to an API server, the WebSocket tunnel, an in-memory pipe): payload
+    /// is copied.
+    Stream(Box<dyn UpstreamIo>),
+}
+
+impl From<tokio::net::TcpStream> for UpstreamConn {
+    fn from(tcp: tokio::net::TcpStream) -> Self {
+        UpstreamConn::Tcp(tcp)
+    }
+}
+
+impl From<Box<dyn UpstreamIo>> for UpstreamConn {
+    fn from(io: Box<dyn UpstreamIo>) -> Self {
+        UpstreamConn::Stream(io)
+    }
+}
+
+/// Whether splice(2) works here (checked once; a seccomp profile may forbid it).
+pub fn splice_available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(pipe::available)
+}
+
 /// Size of the buffer one local connection reads into. Large, because bulk transfers (dumps)
 /// are what users push through a forward, and each read becomes one upstream frame.
 pub const READ_BUF: usize = 256 * 1024;
+
+/// Payloads shorter than this are copied even where they could be spliced: for a small
+/// message the pipe costs more syscalls than the copy saves (an interactive protocol, an echo).
+/// A connection's upload switches to splice once a read fills [`SMALL_READ`].
+pub const SPLICE_MIN: usize = 16 * 1024;
+
+/// What a connection in copy mode reads at once before it decides the client is sending in
+/// bulk and switches to splice.
+pub const SMALL_READ: usize = 64 * 1024;
 
 /// Upstream bytes buffered for one local connection before the session reader waits for that
 /// connection's client to catch up. The peer does no flow control (moby/spdystream never sends
@@ -98,6 +198,8 @@ pub enum RelayError {
     GoAway(String),
     #[error("session is closed")]
     SessionClosed,
+    #[error("{0}")]
+    Unavailable(&'static str),
 }
 
 impl RelayError {
@@ -109,7 +211,7 @@ impl RelayError {
             RelayError::Io(_) => Some("io"),
             RelayError::UpstreamClosed => Some("eof"),
             RelayError::Unresponsive(_) => Some("unresponsive"),
-            RelayError::GoAway(_) | RelayError::SessionClosed => None,
+            RelayError::GoAway(_) | RelayError::SessionClosed | RelayError::Unavailable(_) => None,
         }
     }
 }

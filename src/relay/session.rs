@@ -19,10 +19,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
-use super::{CONN_QUEUE_FRAMES, READ_BUF, RelayError, SESSION_WRITE_BUDGET};
+use super::pipe::{self, Pipe, SpliceIn};
+use super::{CONN_QUEUE_FRAMES, READ_BUF, RelayError, SESSION_WRITE_BUDGET, UpstreamConn};
 use crate::metrics::SessionMetrics;
 use crate::proto::{ConnId, Event, HEADROOM, PortForwardProtocol};
 
@@ -49,6 +51,10 @@ pub struct SessionOptions {
     pub stalls: Option<Arc<watch::Sender<usize>>>,
     /// Where the session reports its start, end, PING round trips and stalls.
     pub metrics: SessionMetrics,
+    /// Move payload with splice(2) where the upstream is plain TCP and the protocol allows it
+    /// (SPDY to a stream server); otherwise, or when off, payload is copied through user
+    /// memory. Defaults to whether this kernel (and seccomp profile) allows splice.
+    pub splice: bool,
 }
 
 impl Default for SessionOptions {
@@ -61,6 +67,7 @@ impl Default for SessionOptions {
             half_close_quiet: super::DEFAULT_HALF_CLOSE_QUIET,
             stalls: None,
             metrics: SessionMetrics::default(),
+            splice: super::data_plane() == super::DataPlane::Epoll,
         }
     }
 }
@@ -69,6 +76,11 @@ impl Default for SessionOptions {
 #[derive(Debug)]
 pub enum Inbound {
     Data(Bytes),
+    /// `len` payload bytes wait in `pipe` (spliced from upstream), after everything sent before.
+    Piped {
+        pipe: Arc<Pipe>,
+        len: usize,
+    },
     Eof,
     Error(String),
     Reset,
@@ -83,13 +95,32 @@ pub struct Incoming {
 
 struct Frame {
     bytes: Bytes,
+    /// Payload that follows `bytes` on the wire from a pipe (spliced upload).
+    tail: Option<(Arc<Pipe>, usize)>,
     _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Frame {
+    fn control(bytes: Bytes) -> Frame {
+        Frame {
+            bytes,
+            tail: None,
+            _permit: None,
+        }
+    }
+}
+
+/// A connection's end of the session: its inbound queue, and the pipe its spliced payload
+/// goes through while there is some in flight.
+struct ConnEntry {
+    tx: mpsc::Sender<Inbound>,
+    down: Option<Arc<Pipe>>,
 }
 
 struct Shared {
     proto: Mutex<Box<dyn PortForwardProtocol>>,
     out: mpsc::UnboundedSender<Frame>,
-    conns: Mutex<HashMap<ConnId, mpsc::Sender<Inbound>>>,
+    conns: Mutex<HashMap<ConnId, ConnEntry>>,
     budget: Arc<Semaphore>,
     dead: watch::Sender<Option<Arc<str>>>,
     retiring: AtomicBool,
@@ -106,6 +137,8 @@ struct Shared {
     ping: Mutex<Option<(u32, Instant)>>,
     started: Instant,
     max_payload: usize,
+    /// Payload moves with splice (see [`SessionOptions::splice`]); fixed when the tasks start.
+    splice: AtomicBool,
     opts: SessionOptions,
 }
 
@@ -125,17 +158,14 @@ impl Session {
     /// Start driving `io` with `proto`. `prefix` is input already read from `io` (bytes that
     /// arrived with the HTTP upgrade response). Returns the session and, for a server-role
     /// protocol, the stream of incoming connection requests.
-    pub fn start<IO>(
-        io: IO,
+    pub fn start(
+        io: impl Into<UpstreamConn>,
         prefix: Bytes,
         proto: Box<dyn PortForwardProtocol>,
         opts: SessionOptions,
-    ) -> (Session, mpsc::Receiver<Incoming>)
-    where
-        IO: AsyncRead + AsyncWrite + Send + 'static,
-    {
+    ) -> (Session, mpsc::Receiver<Incoming>) {
         let (session, ends, incoming_rx) = Session::new(proto, opts);
-        session.spawn(io, prefix, ends);
+        session.spawn(io.into(), prefix, ends);
         (session, incoming_rx)
     }
 
@@ -143,19 +173,16 @@ impl Session {
     /// is read. For protocols that fix their connections at the upgrade (WebSocket v4, where
     /// the server dials at once and may answer with an error and a close straight away), so
     /// that answer reaches the connection instead of finding nobody registered.
-    pub fn start_with_conn<IO>(
-        io: IO,
+    pub fn start_with_conn(
+        io: impl Into<UpstreamConn>,
         prefix: Bytes,
         proto: Box<dyn PortForwardProtocol>,
         opts: SessionOptions,
         port: u16,
-    ) -> Result<(Session, ConnId, mpsc::Receiver<Inbound>), RelayError>
-    where
-        IO: AsyncRead + AsyncWrite + Send + 'static,
-    {
+    ) -> Result<(Session, ConnId, mpsc::Receiver<Inbound>), RelayError> {
         let (session, ends, _) = Session::new(proto, opts);
         let (conn, inbound) = session.open(port)?;
-        session.spawn(io, prefix, ends);
+        session.spawn(io.into(), prefix, ends);
         Ok((session, conn, inbound))
     }
 
@@ -180,6 +207,7 @@ impl Session {
             ping: Mutex::new(None),
             started: Instant::now(),
             max_payload,
+            splice: AtomicBool::new(false),
             opts,
         });
         shared.opts.metrics.started();
@@ -191,14 +219,37 @@ impl Session {
     }
 
     /// The reader, the writer and the keepalive.
-    fn spawn<IO>(&self, io: IO, prefix: Bytes, ends: TaskEnds)
-    where
-        IO: AsyncRead + AsyncWrite + Send + 'static,
-    {
+    fn spawn(&self, io: UpstreamConn, prefix: Bytes, ends: TaskEnds) {
         let TaskEnds {
             out_rx,
             incoming_tx,
         } = ends;
+        let io = match io {
+            // Splice needs the raw socket, and a protocol whose payload it may move.
+            UpstreamConn::Tcp(tcp)
+                if self.shared.opts.splice && self.proto().read_hint(&[]).is_some() =>
+            {
+                self.shared.splice.store(true, Ordering::Release);
+                let tcp = Arc::new(tcp);
+                let s = self.clone();
+                let rd = tcp.clone();
+                tokio::spawn(async move {
+                    let res = s.read_loop_spliced(&rd, prefix, incoming_tx).await;
+                    s.die(res.err().unwrap_or(RelayError::UpstreamClosed));
+                });
+                let s = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = s.write_loop(TcpWriter(tcp), out_rx).await {
+                        s.die(e);
+                    }
+                });
+                let s = self.clone();
+                tokio::spawn(async move { s.keepalive().await });
+                return;
+            }
+            UpstreamConn::Tcp(tcp) => Box::new(tcp),
+            UpstreamConn::Stream(io) => io,
+        };
         let (rd, wr) = tokio::io::split(io);
         let s = self.clone();
         tokio::spawn(async move {
@@ -207,7 +258,7 @@ impl Session {
         });
         let s = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = s.write_loop(wr, out_rx).await {
+            if let Err(e) = s.write_loop(StreamWriter(wr), out_rx).await {
                 s.die(e);
             }
         });
@@ -222,10 +273,7 @@ impl Session {
     /// Queue what the protocol wants sent. Called with the protocol lock held.
     fn flush(&self, p: &mut Box<dyn PortForwardProtocol>) {
         while let Some(bytes) = p.poll_transmit() {
-            let _ = self.shared.out.send(Frame {
-                bytes,
-                _permit: None,
-            });
+            let _ = self.shared.out.send(Frame::control(bytes));
         }
     }
 
@@ -235,7 +283,7 @@ impl Session {
             .conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(conn, tx);
+            .insert(conn, ConnEntry { tx, down: None });
         rx
     }
 
@@ -366,10 +414,77 @@ impl Session {
             .out
             .send(Frame {
                 bytes,
+                tail: None,
                 _permit: Some(permit),
             })
             .map_err(|_| RelayError::SessionClosed)?;
         Ok(())
+    }
+
+    /// Payload may move with splice on this session (see [`SessionOptions::splice`]).
+    pub fn can_splice(&self) -> bool {
+        self.shared.splice.load(Ordering::Acquire)
+    }
+
+    /// Send the `len` bytes at the front of `pipe` on `conn` (spliced from the local socket).
+    /// They stay counted in the pipe's fill until the writer has spliced them out.
+    pub async fn send_spliced(
+        &self,
+        conn: ConnId,
+        pipe: &Arc<Pipe>,
+        len: usize,
+    ) -> Result<(), RelayError> {
+        let permit = self
+            .shared
+            .budget
+            .clone()
+            .acquire_many_owned(len as u32)
+            .await
+            .map_err(|_| RelayError::SessionClosed)?;
+        let mut p = self.proto();
+        if self.dead_reason().is_some() {
+            return Err(RelayError::SessionClosed);
+        }
+        let Some(bytes) = p.payload_header(conn, len)? else {
+            return Err(RelayError::Proto(crate::proto::ProtoError::Unsupported(
+                "spliced payload",
+            )));
+        };
+        self.shared
+            .out
+            .send(Frame {
+                bytes,
+                tail: Some((pipe.clone(), len)),
+                _permit: Some(permit),
+            })
+            .map_err(|_| RelayError::SessionClosed)?;
+        Ok(())
+    }
+
+    /// The pipe `conn`'s downloaded payload is spliced into: the one in use, or a new one.
+    /// `None` when the connection is gone or no pipe can be made (out of descriptors): the
+    /// payload is then read and copied instead.
+    fn down_pipe(&self, conn: ConnId) -> Option<Arc<Pipe>> {
+        let mut conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = conns.get_mut(&conn)?;
+        if entry.down.is_none() {
+            entry.down = Some(Arc::new(Pipe::new().ok()?));
+        }
+        entry.down.clone()
+    }
+
+    /// `conn` has spliced everything out of `pipe`: close it unless more is on the way, so an
+    /// idle connection holds no pipe. Race-free with the reader, which takes its reference
+    /// under the same lock: then there are more than two.
+    pub fn pipe_drained(&self, conn: ConnId, pipe: &Arc<Pipe>) {
+        let mut conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = conns.get_mut(&conn)
+            && entry.down.as_ref().is_some_and(|d| Arc::ptr_eq(d, pipe))
+            && Arc::strong_count(pipe) == 2
+            && pipe.fill() == 0
+        {
+            entry.down = None;
+        }
     }
 
     pub fn close_write(&self, conn: ConnId) -> Result<(), RelayError> {
@@ -499,6 +614,127 @@ impl Session {
         }
     }
 
+    /// The reader for a plain TCP upstream: frame headers and control frames are read into
+    /// `buf` (never further, see [`PortForwardProtocol::read_hint`]); a connection's payload
+    /// is spliced from the socket into its pipe and handed over as [`Inbound::Piped`].
+    async fn read_loop_spliced(
+        &self,
+        tcp: &TcpStream,
+        prefix: Bytes,
+        incoming: mpsc::Sender<Incoming>,
+    ) -> Result<(), RelayError> {
+        let mut dead = self.watch_dead();
+        let mut buf = BytesMut::with_capacity(4096);
+        buf.extend_from_slice(&prefix);
+        loop {
+            loop {
+                let ev = {
+                    let mut p = self.proto();
+                    let ev = p.handle_input(&mut buf)?;
+                    self.flush(&mut p);
+                    ev
+                };
+                match ev {
+                    Some(ev) => self.dispatch(ev, &incoming).await,
+                    None => break,
+                }
+            }
+            let moving = match buf.is_empty() {
+                true => self.proto().payload_in_progress(),
+                false => None,
+            };
+            if let Some((conn, left)) = moving
+                && left >= super::SPLICE_MIN
+                && let Some(pipe) = self.down_pipe(conn)
+            {
+                let n = tokio::select! {
+                    n = pipe::splice_from(tcp, &pipe, left) => n?,
+                    _ = dead.changed() => return Ok(()),
+                };
+                let n = match n {
+                    SpliceIn::Moved(n) => n,
+                    SpliceIn::Eof => return Err(RelayError::UpstreamClosed),
+                    SpliceIn::Full => {
+                        // The local client is not keeping up: as with a full queue, stop
+                        // reading until it does.
+                        tokio::select! {
+                            _ = self.stalled(pipe.drained()) => {}
+                            _ = dead.changed() => return Ok(()),
+                        }
+                        continue;
+                    }
+                };
+                self.touch_rx();
+                {
+                    let mut p = self.proto();
+                    p.payload_moved(n)?;
+                    self.flush(&mut p);
+                }
+                self.deliver(conn, Inbound::Piped { pipe, len: n }).await;
+                continue;
+            }
+            let want = self
+                .proto()
+                .read_hint(&buf)
+                .unwrap_or(READ_BUF)
+                .clamp(1, READ_BUF);
+            buf.reserve(want);
+            let n = tokio::select! {
+                n = recv_into(tcp, &mut buf, want) => n?,
+                _ = dead.changed() => {
+                    if self.shared.closing.load(Ordering::Acquire) {
+                        let _ = tokio::time::timeout(super::LINGER, async {
+                            let mut sink = BytesMut::with_capacity(16 * 1024);
+                            while let Ok(n) = recv_into(tcp, &mut sink, 16 * 1024).await {
+                                if n == 0 {
+                                    break;
+                                }
+                                sink.clear();
+                            }
+                        })
+                        .await;
+                    }
+                    return Ok(());
+                }
+            };
+            if n == 0 {
+                return Err(RelayError::UpstreamClosed);
+            }
+            self.touch_rx();
+        }
+    }
+
+    fn touch_rx(&self) {
+        self.shared
+            .last_rx_ms
+            .store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Wait for `f` as a reader held up by a slow local client (the only brake on a server
+    /// that does no flow control): counted as a stall, and silence upstream meanwhile is ours.
+    async fn stalled<F: std::future::Future>(&self, f: F) -> F::Output {
+        /// Ends the stall also when the wait is abandoned (the session died meanwhile).
+        struct Stall<'a>(&'a Session, Instant);
+        impl Drop for Stall<'_> {
+            fn drop(&mut self) {
+                let shared = &self.0.shared;
+                if let Some(w) = shared.opts.stalls.as_ref() {
+                    w.send_modify(|n| *n -= 1);
+                }
+                shared.opts.metrics.stall_end(self.1.elapsed());
+                shared.reader_blocked.store(false, Ordering::Relaxed);
+                self.0.touch_rx();
+            }
+        }
+        self.shared.reader_blocked.store(true, Ordering::Relaxed);
+        self.shared.opts.metrics.stall_begin();
+        if let Some(w) = self.shared.opts.stalls.as_ref() {
+            w.send_modify(|n| *n += 1);
+        }
+        let _stall = Stall(self, Instant::now());
+        f.await
+    }
+
     async fn deliver(&self, conn: ConnId, msg: Inbound) {
         let tx = self
             .shared
@@ -506,7 +742,7 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&conn)
-            .cloned();
+            .map(|e| e.tx.clone());
         let Some(tx) = tx else { return };
         let msg = match tx.try_send(msg) {
             Ok(()) => return,
@@ -518,23 +754,7 @@ impl Session {
         };
         // The local client is slower than upstream; the peer does no flow control, so the only
         // brake is to stop reading the session until this connection catches up.
-        self.shared.reader_blocked.store(true, Ordering::Relaxed);
-        let stalled = Instant::now();
-        self.shared.opts.metrics.stall_begin();
-        let stalls = self.shared.opts.stalls.as_ref();
-        if let Some(w) = stalls {
-            w.send_modify(|n| *n += 1);
-        }
-        let res = tx.send(msg).await;
-        if let Some(w) = stalls {
-            w.send_modify(|n| *n -= 1);
-        }
-        self.shared.opts.metrics.stall_end(stalled.elapsed());
-        self.shared.reader_blocked.store(false, Ordering::Relaxed);
-        self.shared
-            .last_rx_ms
-            .store(self.now_ms(), Ordering::Relaxed);
-        if res.is_err() {
+        if self.stalled(tx.send(msg)).await.is_err() {
             self.reset(conn);
         }
     }
@@ -576,12 +796,11 @@ impl Session {
         }
     }
 
-    async fn write_loop<W: AsyncWrite>(
+    async fn write_loop(
         &self,
-        wr: tokio::io::WriteHalf<W>,
+        mut wr: impl FrameWriter,
         mut rx: mpsc::UnboundedReceiver<Frame>,
     ) -> Result<(), RelayError> {
-        let mut wr = wr;
         let mut dead = self.watch_dead();
         let mut batch: Vec<Frame> = Vec::with_capacity(64);
         loop {
@@ -594,15 +813,11 @@ impl Session {
                 while let Ok(f) = rx.try_recv() {
                     batch.push(f);
                 }
-                let _ = write_all_frames(&mut wr, &batch).await;
-                let _ = wr.shutdown().await;
+                let _ = wr.write_frames(&batch).await;
+                wr.shutdown().await;
                 return Ok(());
             }
-            write_all_frames(&mut wr, &batch).await?;
-            // A TLS stream or the WebSocket tunnel may accept a write into its own buffer and
-            // send the tail later; nothing else would push that tail out while this task waits
-            // for the next frame, so a last batch (the end of an upload, a PING) could sit there.
-            wr.flush().await?;
+            wr.write_frames(&batch).await?;
             batch.clear();
         }
     }
@@ -653,6 +868,158 @@ async fn drain<R: AsyncRead + Unpin>(rd: &mut R) {
     .await;
 }
 
+/// Where the writer task puts frames: a byte stream, or a TCP socket it may splice into.
+trait FrameWriter: Send {
+    /// Write every frame of `batch` (and its spliced tail) in order; done when the bytes are
+    /// with the kernel.
+    fn write_frames(
+        &mut self,
+        batch: &[Frame],
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn shutdown(&mut self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// Any upstream byte stream (TLS, the WebSocket tunnel): copies only.
+struct StreamWriter(tokio::io::WriteHalf<Box<dyn super::UpstreamIo>>);
+
+impl FrameWriter for StreamWriter {
+    async fn write_frames(&mut self, batch: &[Frame]) -> std::io::Result<()> {
+        debug_assert!(batch.iter().all(|f| f.tail.is_none()));
+        write_all_frames(&mut self.0, batch).await?;
+        // A TLS stream or the WebSocket tunnel may accept a write into its own buffer and
+        // send the tail later; nothing else would push that tail out while this task waits
+        // for the next frame, so a last batch (the end of an upload, a PING) could sit there.
+        self.0.flush().await
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = self.0.shutdown().await;
+    }
+}
+
+/// A plain TCP upstream: frames leave with `sendmsg`, a spliced payload right behind its
+/// header (which is sent with `MSG_MORE`, so both leave in the same segments).
+struct TcpWriter(Arc<TcpStream>);
+
+impl FrameWriter for TcpWriter {
+    async fn write_frames(&mut self, batch: &[Frame]) -> std::io::Result<()> {
+        let tcp = &*self.0;
+        let mut start = 0;
+        for (i, f) in batch.iter().enumerate() {
+            if let Some((pipe, len)) = &f.tail {
+                send_all(tcp, &batch[start..=i], true).await?;
+                let more = i + 1 < batch.len();
+                pipe::splice_to(tcp, pipe, *len, more).await?;
+                start = i + 1;
+            }
+        }
+        send_all(tcp, &batch[start..], false).await
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// `sendmsg` every frame's bytes (not their tails), up to 64 per call.
+async fn send_all(tcp: &TcpStream, frames: &[Frame], more: bool) -> std::io::Result<()> {
+    let (mut i, mut off) = (0, 0);
+    loop {
+        while i < frames.len() && frames[i].bytes.len() == off {
+            i += 1;
+            off = 0;
+        }
+        if i == frames.len() {
+            return Ok(());
+        }
+        let k = (frames.len() - i).min(64);
+        let last = i + k == frames.len();
+        let flags = libc::MSG_NOSIGNAL | if more || !last { libc::MSG_MORE } else { 0 };
+        tcp.writable().await?;
+        let sent = tcp.try_io(Interest::WRITABLE, || {
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 64];
+            for (j, f) in frames[i..i + k].iter().enumerate() {
+                let b = if j == 0 {
+                    &f.bytes[off..]
+                } else {
+                    &f.bytes[..]
+                };
+                iov[j] = libc::iovec {
+                    iov_base: b.as_ptr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                };
+            }
+            // Safety: a zeroed msghdr is valid (no name, no control data); `iov` points at
+            // `k` live slices of `frames`, which outlive this call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = k;
+            // Safety: a valid socket and the msghdr above; the kernel only reads the buffers.
+            let n = unsafe { libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(tcp), &msg, flags) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        let mut n = match sent {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        while n > 0 {
+            let left = frames[i].bytes.len() - off;
+            if n >= left {
+                n -= left;
+                i += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+/// Receive up to `max` bytes into the spare capacity of `buf`.
+async fn recv_into(tcp: &TcpStream, buf: &mut BytesMut, max: usize) -> std::io::Result<usize> {
+    buf.reserve(max);
+    loop {
+        tcp.readable().await?;
+        let spare = &mut buf.spare_capacity_mut()[..max];
+        // Safety: `recv` writes at most `spare.len()` bytes into memory we own and do not read
+        // until it says how many it wrote.
+        let r = tcp.try_io(Interest::READABLE, || {
+            let n = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(tcp),
+                    spare.as_mut_ptr() as *mut libc::c_void,
+                    spare.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match r {
+            Ok(n) => {
+                // Safety: the kernel initialised the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+                return Ok(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Write every frame of `batch`, several per syscall.
 async fn write_all_frames<W: AsyncWrite + Unpin>(
     wr: &mut W,
@@ -700,6 +1067,10 @@ mod tests {
     use crate::proto::portforward::SpdyPortForward;
     use tokio::io::{BufWriter, duplex};
 
+    fn stream(io: impl super::super::UpstreamIo) -> UpstreamConn {
+        UpstreamConn::Stream(Box::new(io))
+    }
+
     /// The writer must flush: over a stream that holds written bytes until flushed (TLS, the
     /// WebSocket tunnel, here a `BufWriter`), a small last batch would otherwise never leave.
     #[tokio::test]
@@ -707,13 +1078,13 @@ mod tests {
         let (client, server) = duplex(1 << 20);
         let opts = SessionOptions::default();
         let (client, _) = Session::start(
-            BufWriter::with_capacity(64 * 1024, client),
+            stream(BufWriter::with_capacity(64 * 1024, client)),
             Bytes::new(),
             Box::new(SpdyPortForward::client()),
             opts.clone(),
         );
         let (_server, mut incoming) = Session::start(
-            server,
+            stream(server),
             Bytes::new(),
             Box::new(SpdyPortForward::server()),
             opts,
@@ -755,7 +1126,7 @@ mod tests {
         let (client_io, mut server_io) = duplex(1 << 16);
         server_io.write_all(&wire).await.unwrap();
         let (_session, _conn, mut inbound) = Session::start_with_conn(
-            client_io,
+            stream(client_io),
             Bytes::new(),
             Box::new(WsPortForward::client(&[7000], 1)),
             SessionOptions::default(),
