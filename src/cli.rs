@@ -17,6 +17,7 @@ use crate::control::pool::{self, PoolOptions};
 use crate::control::upgrade::Protocol;
 use crate::metrics::ForwardMetrics;
 use crate::relay::SessionOptions;
+use crate::secret::Secret;
 use crate::{bench, metrics, parse_duration, serve, status};
 
 const ABOUT: &str = "Forward one or more local ports to a pod, fast, and keep the forward up.";
@@ -249,9 +250,16 @@ struct ForwardArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on. Anything but loopback needs --token-file or --generate-token.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Require the token in this file from every client (`Authorization: Bearer TOKEN`, or the
+    /// URL path /portforward/TOKEN): at least 16 of A-Z a-z 0-9 - . _ ~ (`openssl rand -hex 32`).
+    #[arg(long, value_name = "PATH", conflicts_with = "generate_token")]
+    token_file: Option<PathBuf>,
+    /// Require a random token, made now and printed in the URL clients should use.
+    #[arg(long)]
+    generate_token: bool,
     /// Dial targets inside this network namespace (e.g. /var/run/netns/NAME or /proc/PID/ns/net).
     #[arg(long)]
     netns: Option<PathBuf>,
@@ -459,21 +467,42 @@ async fn observe(metrics_addr: Option<SocketAddr>, live: bool) -> Result<(), Str
 }
 
 async fn serve_cmd(a: ServeArgs) -> Result<(), String> {
+    let token = match (&a.token_file, a.generate_token) {
+        (Some(path), _) => Some(Secret::from_file(path).map_err(|e| e.to_string())?),
+        (None, true) => Some(Secret::generate()),
+        (None, false) => None,
+    };
+    let access = match &token {
+        Some(t) => serve::Access::Token(Arc::new(t.clone())),
+        None => serve::Access::Open,
+    };
+    serve::check_listen(a.listen, &access).map_err(|e| e.to_string())?;
     let dialer = match &a.netns {
         Some(p) => serve::Dialer::netns(p)
             .map_err(|e| format!("cannot enter network namespace {}: {e}", p.display()))?,
         None => serve::Dialer::Local,
     };
+    if a.listen.ip().is_unspecified() {
+        tracing::warn!(
+            "listening on {}, a wildcard address: serve is reachable from other machines, \
+             not only this one",
+            a.listen.ip()
+        );
+    }
     let (listener, url) = serve::bind(a.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
-    println!("Serving port-forward on {url}");
+    match token.filter(|_| a.generate_token) {
+        // The one place a token is printed: the user asked for one to be made and needs it.
+        Some(t) => println!("Serving port-forward on {url}/{}", t.expose()),
+        None => println!("Serving port-forward on {url}"),
+    }
     let opts = SessionOptions {
         forward_half_close: true,
         ..session_opts(&a.session)
     };
     tokio::select! {
-        r = serve::serve(listener, dialer, opts) => r.map_err(|e| e.to_string()),
+        r = serve::serve_with(listener, dialer, opts, access) => r.map_err(|e| e.to_string()),
         _ = tokio::signal::ctrl_c() => Ok(()),
     }
 }
