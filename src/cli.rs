@@ -17,7 +17,7 @@ use crate::control::pool::{self, PoolOptions};
 use crate::control::upgrade::Protocol;
 use crate::metrics::ForwardMetrics;
 use crate::relay::SessionOptions;
-use crate::secret::Secret;
+use crate::secret::{Secret, redact_url};
 use crate::{bench, metrics, parse_duration, serve, status};
 
 const ABOUT: &str = "Forward one or more local ports to a pod, fast, and keep the forward up.";
@@ -230,9 +230,14 @@ struct ForwardArgs {
     /// the pod sandbox id.
     #[arg(long, conflicts_with = "url")]
     runtime_endpoint: Option<String>,
-    /// A stream-server URL to use directly (e.g. one printed by `ringfwd serve`).
+    /// A stream-server URL to use directly (e.g. one printed by `ringfwd serve`); a token in
+    /// its path (`/portforward/TOKEN`) is presented as it is.
     #[arg(long)]
     url: Option<String>,
+    /// Send the token in this file as `Authorization: Bearer` (for a `ringfwd serve` with
+    /// --token-file, when the URL does not carry it).
+    #[arg(long, value_name = "PATH", requires = "url")]
+    token_file: Option<PathBuf>,
     /// Upgrade protocol.
     #[arg(long, value_enum, default_value = "spdy")]
     protocol: Protocol,
@@ -323,7 +328,8 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let name = match &upstream {
         Upstream::Cri { sandbox, .. } => sandbox.chars().take(12).collect(),
-        Upstream::Url(url) => url.clone(),
+        // The forward's name is shown and exported as a metric label: never with a token.
+        Upstream::Url(url) => redact_url(url),
         Upstream::Api { pod, .. } => pod.clone(),
     };
     let cfg = ForwardConfig {
@@ -331,6 +337,12 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         protocol: a.protocol,
         fallback_to_spdy: false,
         addresses: listen_addresses(&a.address)?,
+        bearer: a
+            .token_file
+            .as_deref()
+            .map(Secret::from_file)
+            .transpose()
+            .map_err(|e| e.to_string())?,
         session: session_opts(&a.session),
         pool: a.pool.options(),
         metrics: ForwardMetrics::new(&name),
@@ -408,6 +420,7 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
         protocol,
         fallback_to_spdy,
         addresses,
+        bearer: None,
         session: session_opts(&a.session),
         pool: a.pool.options(),
         metrics: ForwardMetrics::new(&name),
