@@ -312,6 +312,18 @@ impl Forwarder {
     /// Bind every `spec` on every configured address. `:REMOTE` picks one free port and uses it
     /// on all addresses.
     pub async fn bind(&self, specs: &[PortSpec]) -> Result<Vec<Listener>, ControlError> {
+        for ip in self
+            .connector
+            .cfg
+            .addresses
+            .iter()
+            .filter(|ip| ip.is_unspecified())
+        {
+            tracing::warn!(
+                "listening on {ip}, a wildcard address: the forward is reachable from other \
+                 machines, not only this one"
+            );
+        }
         let mut out = Vec::new();
         for spec in specs {
             let mut local = spec.local;
