@@ -236,7 +236,7 @@ struct ForwardArgs {
     url: Option<String>,
     /// Send the token in this file as `Authorization: Bearer` (for a `ringfwd serve` with
     /// --token-file, when the URL does not carry it).
-    #[arg(long, value_name = "PATH", requires = "url")]
+    #[arg(long, value_name = "PATH", conflicts_with = "runtime_endpoint")]
     token_file: Option<PathBuf>,
     /// Upgrade protocol.
     #[arg(long, value_enum, default_value = "spdy")]

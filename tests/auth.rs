@@ -309,6 +309,28 @@ fn non_loopback_listen_without_token_is_refused() {
     }
 }
 
+/// A runtime's stream URLs carry their own token: `--token-file` goes with `--url` only.
+#[test]
+fn token_file_is_for_url_forwards() {
+    let out = Command::new(BIN)
+        .args([
+            "forward",
+            "--runtime-endpoint",
+            "unix:///nowhere.sock",
+            "--token-file",
+        ])
+        .args(["/nowhere", "sandbox", ":80"])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--token-file") && err.contains("cannot be used with"),
+        "{err}"
+    );
+}
+
 #[test]
 fn wildcard_listeners_warn() {
     const WARNING: &str = "a wildcard address";

@@ -161,10 +161,12 @@ impl Connector {
     ) -> Result<Upgraded, ControlError> {
         match &self.cfg.upstream {
             Upstream::Api { cluster, pod } => cluster.upgrade(pod, protocol, ports).await,
-            _ => {
+            Upstream::Url(_) => {
                 let url = self.url(ports).await?;
                 upgrade(&url, protocol, ports, self.cfg.bearer.as_ref()).await
             }
+            // The runtime's URL is the credential; a bearer meant for a serve stays here.
+            Upstream::Cri { .. } => upgrade(&self.url(ports).await?, protocol, ports, None).await,
         }
     }
 
