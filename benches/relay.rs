@@ -105,6 +105,7 @@ impl Backend for Tokio {
                 protocol,
                 fallback_to_spdy: false,
                 addresses: vec![Ipv4Addr::LOCALHOST.into()],
+                bearer: None,
                 session,
                 pool: PoolOptions::default(),
                 metrics: ringfwd::metrics::ForwardMetrics::detached(),

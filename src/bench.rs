@@ -36,6 +36,7 @@ use crate::control::upgrade::Protocol;
 use crate::metrics::ForwardMetrics;
 use crate::metrics::histogram::LocalHistogram;
 use crate::relay::SessionOptions;
+use crate::secret::redact_url;
 use crate::{parse_duration, plot, serve};
 
 const CHUNK: usize = 256 * 1024;
@@ -548,7 +549,10 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
                 format!("CRI {ep} sandbox {sb}"),
             )
         }
-        (None, Some(url)) => (Upstream::Url(url.clone()), format!("stream server {url}")),
+        (None, Some(url)) => (
+            Upstream::Url(url.clone()),
+            format!("stream server {}", redact_url(url)),
+        ),
         (None, None) => {
             let url = serve_rt.block_on(async {
                 let (l, url) = serve::bind((Ipv4Addr::LOCALHOST, 0).into()).await?;
@@ -580,6 +584,7 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
         protocol: a.protocol,
         fallback_to_spdy: false,
         addresses: vec![Ipv4Addr::LOCALHOST.into()],
+        bearer: None,
         session: SessionOptions::default(),
         pool: PoolOptions::default(),
         metrics: fwd_metrics.clone(),

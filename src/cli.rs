@@ -17,6 +17,7 @@ use crate::control::pool::{self, PoolOptions};
 use crate::control::upgrade::Protocol;
 use crate::metrics::ForwardMetrics;
 use crate::relay::{DataPlane, SessionOptions};
+use crate::secret::{Secret, redact_url};
 use crate::{bench, metrics, parse_duration, serve, status};
 
 const ABOUT: &str = "Forward one or more local ports to a pod, fast, and keep the forward up.";
@@ -233,9 +234,14 @@ struct ForwardArgs {
     /// the pod sandbox id.
     #[arg(long, conflicts_with = "url")]
     runtime_endpoint: Option<String>,
-    /// A stream-server URL to use directly (e.g. one printed by `ringfwd serve`).
+    /// A stream-server URL to use directly (e.g. one printed by `ringfwd serve`); a token in
+    /// its path (`/portforward/TOKEN`) is presented as it is.
     #[arg(long)]
     url: Option<String>,
+    /// Send the token in this file as `Authorization: Bearer` (for a `ringfwd serve` with
+    /// --token-file, when the URL does not carry it).
+    #[arg(long, value_name = "PATH", conflicts_with = "runtime_endpoint")]
+    token_file: Option<PathBuf>,
     /// Upgrade protocol.
     #[arg(long, value_enum, default_value = "spdy")]
     protocol: Protocol,
@@ -253,9 +259,16 @@ struct ForwardArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on. Anything but loopback needs --token-file or --generate-token.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Require the token in this file from every client (`Authorization: Bearer TOKEN`, or the
+    /// URL path /portforward/TOKEN): at least 16 of A-Z a-z 0-9 - . _ ~ (`openssl rand -hex 32`).
+    #[arg(long, value_name = "PATH", conflicts_with = "generate_token")]
+    token_file: Option<PathBuf>,
+    /// Require a random token, made now and printed in the URL clients should use.
+    #[arg(long)]
+    generate_token: bool,
     /// Dial targets inside this network namespace (e.g. /var/run/netns/NAME or /proc/PID/ns/net).
     #[arg(long)]
     netns: Option<PathBuf>,
@@ -319,7 +332,8 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let name = match &upstream {
         Upstream::Cri { sandbox, .. } => sandbox.chars().take(12).collect(),
-        Upstream::Url(url) => url.clone(),
+        // The forward's name is shown and exported as a metric label: never with a token.
+        Upstream::Url(url) => redact_url(url),
         Upstream::Api { pod, .. } => pod.clone(),
     };
     let cfg = ForwardConfig {
@@ -327,6 +341,12 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         protocol: a.protocol,
         fallback_to_spdy: false,
         addresses: listen_addresses(&a.address)?,
+        bearer: a
+            .token_file
+            .as_deref()
+            .map(Secret::from_file)
+            .transpose()
+            .map_err(|e| e.to_string())?,
         session: session_opts(&a.session),
         pool: a.pool.options(),
         metrics: ForwardMetrics::new(&name),
@@ -404,6 +424,7 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
         protocol,
         fallback_to_spdy,
         addresses,
+        bearer: None,
         session: session_opts(&a.session),
         pool: a.pool.options(),
         metrics: ForwardMetrics::new(&name),
@@ -463,21 +484,42 @@ async fn observe(metrics_addr: Option<SocketAddr>, live: bool) -> Result<(), Str
 }
 
 async fn serve_cmd(a: ServeArgs) -> Result<(), String> {
+    let token = match (&a.token_file, a.generate_token) {
+        (Some(path), _) => Some(Secret::from_file(path).map_err(|e| e.to_string())?),
+        (None, true) => Some(Secret::generate()),
+        (None, false) => None,
+    };
+    let access = match &token {
+        Some(t) => serve::Access::Token(Arc::new(t.clone())),
+        None => serve::Access::Open,
+    };
+    serve::check_listen(a.listen, &access).map_err(|e| e.to_string())?;
     let dialer = match &a.netns {
         Some(p) => serve::Dialer::netns(p)
             .map_err(|e| format!("cannot enter network namespace {}: {e}", p.display()))?,
         None => serve::Dialer::Local,
     };
+    if a.listen.ip().is_unspecified() {
+        tracing::warn!(
+            "listening on {}, a wildcard address: serve is reachable from other machines, \
+             not only this one",
+            a.listen.ip()
+        );
+    }
     let (listener, url) = serve::bind(a.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
-    println!("Serving port-forward on {url}");
+    match token.filter(|_| a.generate_token) {
+        // The one place a token is printed: the user asked for one to be made and needs it.
+        Some(t) => println!("Serving port-forward on {url}/{}", t.expose()),
+        None => println!("Serving port-forward on {url}"),
+    }
     let opts = SessionOptions {
         forward_half_close: true,
         ..session_opts(&a.session)
     };
     tokio::select! {
-        r = serve::serve(listener, dialer, opts) => r.map_err(|e| e.to_string()),
+        r = serve::serve_with(listener, dialer, opts, access) => r.map_err(|e| e.to_string()),
         _ = tokio::signal::ctrl_c() => Ok(()),
     }
 }

@@ -9,6 +9,7 @@
 //!   session a connection rides on and replaces dead ones.
 //! - [`serve`]: the stream-server side (`ringfwd serve`), dialling targets on localhost or in a
 //!   network namespace.
+//! - [`secret`]: tokens and stream-server URLs that carry them, kept out of logs and `Debug`.
 //! - [`bench`]: `ringfwd bench`, the built-in load generator and its embedded targets;
 //!   [`plot`] draws a run as SVG.
 //! - [`metrics`]: every exported metric, the per-connection stats the data plane bumps, the
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod plot;
 pub mod proto;
 pub mod relay;
+pub mod secret;
 pub mod serve;
 pub mod status;
 

@@ -5,6 +5,11 @@
 //! namespace or in another one (`--netns`), entered with `setns` on a dedicated thread the way
 //! containerd enters a pod's namespace. Unlike kubelet/containerd it passes a half-close on to
 //! the target and says so in the upgrade response ([`HALF_CLOSE_HEADER`]).
+//!
+//! Also owns who may connect ([`Access`]): with a token, every request must present it, as
+//! `Authorization: Bearer TOKEN` or in the path the way CRI stream servers hand out URLs
+//! (`/portforward/TOKEN`), or it gets `401`; and [`check_listen`] refuses a non-loopback
+//! address without one.
 
 use std::convert::Infallible;
 use std::io;
@@ -27,6 +32,117 @@ use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::{WsPortForward, handshake};
 use crate::relay::{Incoming, Session, SessionOptions, relay_server_conn};
+use crate::secret::{Secret, redact_url};
+
+/// Errors of `serve` before it accepts anything.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "refusing to listen on {addr} without authentication: it is not a loopback address, so \
+         anyone who can reach it could connect to any port in the target's network namespace; \
+         add --token-file PATH or --generate-token"
+    )]
+    Unauthenticated { addr: SocketAddr },
+}
+
+/// Who may use the server.
+#[derive(Clone, Debug)]
+pub enum Access {
+    /// Anyone who can connect: only ever on loopback (see [`check_listen`]).
+    Open,
+    /// Requests that present this token.
+    Token(Arc<Secret>),
+}
+
+/// The path prefix under which a request may carry the token (`/portforward/TOKEN`), as CRI
+/// stream servers hand out URLs.
+pub const TOKEN_PATH_PREFIX: &str = "/portforward/";
+
+/// Why a request was turned away (logged at debug, never with what it presented).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// Neither an `Authorization: Bearer` header nor a `/portforward/TOKEN` path.
+    NoToken,
+    /// A token that is not ours.
+    WrongToken,
+}
+
+impl Access {
+    /// Whether `req` may go on. Both places a token can be are checked, each in constant time,
+    /// and either one matching is enough.
+    pub fn check<B>(&self, req: &Request<B>) -> Result<(), Denied> {
+        let Access::Token(token) = self else {
+            return Ok(());
+        };
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| bearer_token(v.as_bytes()));
+        let in_path = req
+            .uri()
+            .path()
+            .strip_prefix(TOKEN_PATH_PREFIX)
+            .filter(|t| !t.is_empty())
+            .map(str::as_bytes);
+        if bearer.is_none() && in_path.is_none() {
+            return Err(Denied::NoToken);
+        }
+        let by_header = bearer.is_some_and(|t| token.matches(t));
+        let by_path = in_path.is_some_and(|t| token.matches(t));
+        if by_header || by_path {
+            Ok(())
+        } else {
+            Err(Denied::WrongToken)
+        }
+    }
+}
+
+/// The credentials of an `Authorization: Bearer CREDENTIALS` header (the scheme is
+/// case-insensitive, RFC 9110 section 11.1).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| rest.trim_ascii())
+}
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Denied::NoToken => "authentication required (no token)",
+            Denied::WrongToken => "authentication failed (wrong token)",
+        })
+    }
+}
+
+impl Denied {
+    /// The `401` answer: one line saying what is missing, never what was presented.
+    fn response(self) -> Response<Full<Bytes>> {
+        let mut r = reply(
+            StatusCode::UNAUTHORIZED,
+            &format!(
+                "{self}: send `Authorization: Bearer TOKEN` or use the URL {TOKEN_PATH_PREFIX}TOKEN"
+            ),
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer realm=\"ringfwd\""),
+        );
+        r
+    }
+}
+
+/// Refuse to serve on a non-loopback address without a token: whoever reaches the port could
+/// dial any port in the target's network namespace. On loopback a token is optional (tests and
+/// `ringfwd bench` run open there), and enforced when given.
+pub fn check_listen(addr: SocketAddr, access: &Access) -> Result<(), ServeError> {
+    match access {
+        Access::Open if !addr.ip().to_canonical().is_loopback() => {
+            Err(ServeError::Unauthenticated { addr })
+        }
+        _ => Ok(()),
+    }
+}
 
 /// How targets are reached.
 #[derive(Clone)]
@@ -126,18 +242,40 @@ fn metrics() -> &'static ForwardMetrics {
     &SERVE
 }
 
-/// Serve port-forward upgrades on `listener` until the task is dropped.
+/// Serve port-forward upgrades on `listener`, to anyone who can connect, until the task is
+/// dropped. [`serve_with`] takes a token.
 pub async fn serve(listener: TcpListener, dialer: Dialer, opts: SessionOptions) -> io::Result<()> {
+    serve_with(listener, dialer, opts, Access::Open).await
+}
+
+/// Serve port-forward upgrades on `listener` to requests `access` lets in, until the task is
+/// dropped.
+pub async fn serve_with(
+    listener: TcpListener,
+    dialer: Dialer,
+    opts: SessionOptions,
+    access: Access,
+) -> io::Result<()> {
     loop {
         let (tcp, peer) = listener.accept().await?;
         crate::relay::tune_socket(&tcp);
         let dialer = dialer.clone();
         let opts = opts.clone();
+        let access = access.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let dialer = dialer.clone();
-                let opts = opts.clone();
-                async move { Ok::<_, Infallible>(handle(req, dialer, opts)) }
+                let resp = match access.check(&req) {
+                    Ok(()) => handle(req, dialer.clone(), opts.clone()),
+                    Err(denied) => {
+                        tracing::debug!(
+                            "refused {} {} from {peer}: {denied}",
+                            req.method(),
+                            redact_url(req.uri().path())
+                        );
+                        denied.response()
+                    }
+                };
+                async move { Ok::<_, Infallible>(resp) }
             });
             let conn =
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
@@ -319,4 +457,96 @@ pub fn listen_in_netns(netns: &Path) -> io::Result<std::net::TcpListener> {
         .join()
         .map_err(|_| io::Error::other("netns thread panicked"))?
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> Secret {
+        Secret::generate()
+    }
+
+    fn request(path: &str, authorization: Option<&str>) -> Request<()> {
+        let mut b = Request::builder().method(Method::POST).uri(path);
+        if let Some(a) = authorization {
+            b = b.header(header::AUTHORIZATION, a);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn token_in_header_or_path() {
+        let t = token();
+        let access = Access::Token(Arc::new(t.clone()));
+        let tok = t.expose();
+        let ok = |path: &str, auth: Option<&str>| access.check(&request(path, auth));
+        assert_eq!(ok("/portforward", Some(&format!("Bearer {tok}"))), Ok(()));
+        assert_eq!(ok("/anything", Some(&format!("bearer  {tok} "))), Ok(()));
+        assert_eq!(ok(&format!("/portforward/{tok}"), None), Ok(()));
+        assert_eq!(ok(&format!("/portforward/{tok}?port=80"), None), Ok(()));
+        // Either place right is enough.
+        assert_eq!(
+            ok(&format!("/portforward/{tok}"), Some("Bearer nope")),
+            Ok(())
+        );
+
+        assert_eq!(ok("/portforward", None), Err(Denied::NoToken));
+        assert_eq!(ok("/portforward/", None), Err(Denied::NoToken));
+        assert_eq!(
+            ok("/portforward", Some(&format!("Basic {tok}"))),
+            Err(Denied::NoToken)
+        );
+        assert_eq!(
+            ok("/portforward", Some("Bearer nope")),
+            Err(Denied::WrongToken)
+        );
+        assert_eq!(ok("/portforward/nope", None), Err(Denied::WrongToken));
+        assert_eq!(ok(&format!("/other/{tok}"), None), Err(Denied::NoToken));
+        assert_eq!(
+            ok(&format!("/portforward/{tok}/x"), None),
+            Err(Denied::WrongToken)
+        );
+
+        assert_eq!(Access::Open.check(&request("/", None)), Ok(()));
+    }
+
+    #[test]
+    fn denial_is_401_with_a_bearer_challenge() {
+        let r = Denied::WrongToken.response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(r.headers().contains_key(header::WWW_AUTHENTICATE));
+    }
+
+    #[test]
+    fn access_debug_hides_the_token() {
+        let t = token();
+        let shown = format!("{:?}", Access::Token(Arc::new(t.clone())));
+        assert!(!shown.contains(t.expose()), "{shown}");
+        assert_eq!(shown, "Token([redacted])");
+    }
+
+    #[test]
+    fn off_loopback_needs_a_token() {
+        let with = Access::Token(Arc::new(token()));
+        for addr in [
+            "127.0.0.1:0",
+            "127.0.0.2:1",
+            "[::1]:0",
+            "[::ffff:127.0.0.1]:0",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert!(check_listen(addr, &Access::Open).is_ok(), "{addr}");
+            assert!(check_listen(addr, &with).is_ok(), "{addr}");
+        }
+        for addr in ["0.0.0.0:0", "[::]:0", "10.1.2.3:80", "[2001:db8::1]:0"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let e = check_listen(addr, &Access::Open).unwrap_err().to_string();
+            assert!(
+                e.contains("--token-file") && e.contains(&addr.to_string()),
+                "{e}"
+            );
+            assert!(check_listen(addr, &with).is_ok(), "{addr}");
+        }
+    }
 }

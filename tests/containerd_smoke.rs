@@ -47,6 +47,7 @@ async fn containerd_fixture_port_forward_url_and_stream_server() {
 
     let url = cri.port_forward(&sandbox.id, &[port]).await.unwrap();
     let rest = url
+        .expose()
         .strip_prefix("http://127.0.0.1:")
         .unwrap_or_else(|| panic!("unexpected URL {url}"));
     let (stream_port, path) = rest.split_once('/').unwrap();

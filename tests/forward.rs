@@ -102,6 +102,7 @@ impl Env {
             protocol,
             fallback_to_spdy: false,
             addresses: vec![Ipv4Addr::LOCALHOST.into()],
+            bearer: None,
             session: SessionOptions {
                 ping_interval: Duration::from_millis(500),
                 ping_timeout: Duration::from_secs(3),

@@ -922,4 +922,37 @@ mod tests {
         );
         assert!(selector_string(None).is_err());
     }
+
+    /// A cluster from a kubeconfig with a bearer token: `{:?}` of it (and of a forward's
+    /// upstream holding it) shows the server, never the token.
+    #[tokio::test]
+    async fn debug_hides_kubeconfig_credentials() {
+        const TOKEN: &str = "kubeconfig-bearer-0123456789abcdef";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+                 clusters: [{{name: k, cluster: {{server: 'https://127.0.0.1:6443'}}}}]\n\
+                 users: [{{name: u, user: {{token: {TOKEN}}}}}]\n\
+                 contexts: [{{name: c, context: {{cluster: k, user: u}}}}]\n"
+            ),
+        )
+        .unwrap();
+        let cluster = Cluster::connect(&ClusterOptions {
+            kubeconfig: Some(path),
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        let upstream = super::super::forward::Upstream::Api {
+            cluster: cluster.clone(),
+            pod: "p".into(),
+        };
+        for shown in [format!("{cluster:?}"), format!("{upstream:?}")] {
+            assert!(!shown.contains(TOKEN), "{shown}");
+            assert!(shown.contains("127.0.0.1:6443"), "{shown}");
+        }
+    }
 }

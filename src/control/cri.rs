@@ -18,6 +18,8 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, GrpcMethod, Status};
 
+use crate::secret::SecretUrl;
+
 /// The CRI service every call goes to.
 const SERVICE: &str = "runtime.v1.RuntimeService";
 
@@ -237,10 +239,20 @@ pub mod proto {
         pub port: Vec<i32>,
     }
 
+    /// Its `url` is a credential: `Debug` shows it redacted.
     #[derive(Clone, PartialEq, prost::Message)]
+    #[prost(skip_debug)]
     pub struct PortForwardResponse {
         #[prost(string, tag = "1")]
         pub url: String,
+    }
+
+    impl std::fmt::Debug for PortForwardResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("PortForwardResponse")
+                .field("url", &crate::secret::redact_url(&self.url))
+                .finish()
+        }
     }
 }
 
@@ -342,7 +354,8 @@ impl CriClient {
     }
 
     /// Asks the runtime for a streaming URL that forwards to `ports` of the sandbox. The URL is
-    /// single-use and short-lived: ask again for every new streaming session.
+    /// single-use and short-lived: ask again for every new streaming session. It is a
+    /// credential (`/portforward/TOKEN`), hence a [`SecretUrl`], which prints redacted.
     ///
     /// Naming the ports matters: containerd's WebSocket port-forward only works for ports
     /// named here; SPDY takes the port per stream.
@@ -350,7 +363,7 @@ impl CriClient {
         &mut self,
         sandbox_id: &str,
         ports: &[u16],
-    ) -> Result<String, CriError> {
+    ) -> Result<SecretUrl, CriError> {
         let req = proto::PortForwardRequest {
             pod_sandbox_id: sandbox_id.to_owned(),
             port: ports.iter().map(|&p| i32::from(p)).collect(),
@@ -364,7 +377,7 @@ impl CriClient {
                 reason: "empty url".into(),
             });
         }
-        Ok(resp.url)
+        Ok(SecretUrl::new(resp.url))
     }
 
     /// Creates and starts a pod sandbox; returns its id once the runtime reports it ready.
@@ -643,6 +656,19 @@ fn pid_from_info(info: &str) -> Option<u32> {
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn port_forward_response_debug_hides_the_token() {
+        let resp = proto::PortForwardResponse {
+            url: "http://127.0.0.1:4242/portforward/Sing1eUseT0ken".into(),
+        };
+        let shown = format!("{resp:?}");
+        assert!(!shown.contains("Sing1eUseT0ken"), "{shown}");
+        assert!(
+            shown.contains("127.0.0.1:4242/portforward/[redacted]"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn port_forward_request_wire_format() {

@@ -8,6 +8,7 @@
 //! upgrade, so every connection gets its own session. A connection that fails is reset and
 //! logged; the forward itself keeps running.
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -27,16 +28,36 @@ use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
 use crate::relay::{ConnOutcome, Session, SessionOptions, relay_opened_conn};
+use crate::secret::{Secret, SecretUrl, redact_url};
 
 /// Where sessions come from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Upstream {
     /// Ask a CRI runtime for a fresh streaming URL per session.
     Cri { endpoint: String, sandbox: String },
-    /// A fixed stream-server URL (`ringfwd serve`, or a URL a runtime already handed out).
+    /// A fixed stream-server URL (`ringfwd serve`, or a URL a runtime already handed out). It
+    /// may hold a token in its path: `Debug` shows it redacted, and so must anything else.
     Url(String),
     /// A pod's `portforward` subresource on the API server.
     Api { cluster: Cluster, pod: String },
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Upstream::Cri { endpoint, sandbox } => f
+                .debug_struct("Cri")
+                .field("endpoint", endpoint)
+                .field("sandbox", sandbox)
+                .finish(),
+            Upstream::Url(url) => f.debug_tuple("Url").field(&redact_url(url)).finish(),
+            Upstream::Api { cluster, pod } => f
+                .debug_struct("Api")
+                .field("cluster", cluster)
+                .field("pod", pod)
+                .finish(),
+        }
+    }
 }
 
 /// `[LOCAL:]REMOTE`, as kubectl: `8080`, `8080:80`, `:80` (any free local port).
@@ -91,6 +112,10 @@ pub struct ForwardConfig {
     /// (what kubectl 1.31+ does against servers older than 1.30).
     pub fallback_to_spdy: bool,
     pub addresses: Vec<IpAddr>,
+    /// Sent as `Authorization: Bearer` to an [`Upstream::Url`] (a `ringfwd serve` with a token
+    /// whose URL does not carry it). CRI URLs carry their own token, the API server takes the
+    /// kubeconfig's credentials.
+    pub bearer: Option<Secret>,
     pub session: SessionOptions,
     /// Sessions of a multiplexed protocol (SPDY, the tunnel): see [`super::pool`].
     pub pool: PoolOptions,
@@ -136,7 +161,12 @@ impl Connector {
     ) -> Result<Upgraded, ControlError> {
         match &self.cfg.upstream {
             Upstream::Api { cluster, pod } => cluster.upgrade(pod, protocol, ports).await,
-            _ => upgrade(&self.url(ports).await?, protocol, ports).await,
+            Upstream::Url(_) => {
+                let url = self.url(ports).await?;
+                upgrade(&url, protocol, ports, self.cfg.bearer.as_ref()).await
+            }
+            // The runtime's URL is the credential; a bearer meant for a serve stays here.
+            Upstream::Cri { .. } => upgrade(&self.url(ports).await?, protocol, ports, None).await,
         }
     }
 
@@ -157,9 +187,9 @@ impl Connector {
         }
     }
 
-    async fn url(&self, ports: &[u16]) -> Result<String, ControlError> {
+    async fn url(&self, ports: &[u16]) -> Result<SecretUrl, ControlError> {
         match &self.cfg.upstream {
-            Upstream::Url(u) => Ok(u.clone()),
+            Upstream::Url(u) => Ok(SecretUrl::new(u.clone())),
             Upstream::Cri { sandbox, .. } => {
                 let cri = self.cri.as_ref().expect("CRI upstream has a client");
                 Ok(cri.lock().await.port_forward(sandbox, ports).await?)
@@ -284,6 +314,18 @@ impl Forwarder {
     /// Bind every `spec` on every configured address. `:REMOTE` picks one free port and uses it
     /// on all addresses.
     pub async fn bind(&self, specs: &[PortSpec]) -> Result<Vec<Listener>, ControlError> {
+        for ip in self
+            .connector
+            .cfg
+            .addresses
+            .iter()
+            .filter(|ip| ip.is_unspecified())
+        {
+            tracing::warn!(
+                "listening on {ip}, a wildcard address: the forward is reachable from other \
+                 machines, not only this one"
+            );
+        }
         let mut out = Vec::new();
         for spec in specs {
             let mut local = spec.local;
@@ -395,5 +437,34 @@ impl Forwarder {
         );
         let _ = tcp.set_zero_linger();
         ConnOutcome::SessionLost(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `{:?}` of a forward's configuration shows neither a token in the URL nor the bearer.
+    #[test]
+    fn config_debug_hides_secrets() {
+        let cfg = ForwardConfig {
+            upstream: Upstream::Url("http://127.0.0.1:1/portforward/url-token-0123456789".into()),
+            protocol: Protocol::Spdy,
+            fallback_to_spdy: false,
+            addresses: vec![],
+            bearer: Some(Secret::generate()),
+            session: SessionOptions::default(),
+            pool: PoolOptions::default(),
+            metrics: ForwardMetrics::detached(),
+        };
+        let bearer = cfg.bearer.as_ref().unwrap().expose().to_string();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("url-token"), "{shown}");
+        assert!(!shown.contains(&bearer), "{shown}");
+        assert!(
+            shown.contains("http://127.0.0.1:1/portforward/[redacted]"),
+            "{shown}"
+        );
+        assert!(shown.contains("bearer: Some([redacted])"), "{shown}");
     }
 }

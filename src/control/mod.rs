@@ -20,6 +20,7 @@ pub const HALF_CLOSE_HEADER: &str = "x-ringfwd-half-close";
 pub enum ControlError {
     #[error(transparent)]
     Cri(#[from] cri::CriError),
+    /// `url` fields hold URLs already redacted ([`crate::secret::redact_url`]).
     #[error("invalid URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
     #[error("cannot connect to stream server {addr}: {source}")]
@@ -35,6 +36,11 @@ pub enum ControlError {
         status: u16,
         body: String,
     },
+    #[error(
+        "stream server {url} refused authentication (HTTP 401: {body}): give its token with \
+         --token-file PATH or in the URL (/portforward/TOKEN)"
+    )]
+    Unauthorized { url: String, body: String },
     #[error("stream server answered the upgrade without {what}")]
     BadUpgrade { what: String },
     #[error("invalid port spec {spec:?}: {reason}")]

@@ -3,7 +3,8 @@
 //! Two places answer it. A stream server (a CRI runtime hands out
 //! `http://HOST:PORT/portforward/TOKEN`; `ringfwd serve` listens on any URL) is reached over
 //! plain TCP by [`upgrade`], which takes the socket back out of hyper together with any bytes
-//! hyper read past the response, so the relay owns the socket directly. The API server is
+//! hyper read past the response, so the relay owns the socket directly, and presents a token
+//! to a `ringfwd serve` that wants one. The API server is
 //! reached through the `kube` client (TLS, auth) by [`crate::control::cluster`]; both build the
 //! request with [`prepare`] and check the answer with [`Ask::check`].
 //!
@@ -13,7 +14,7 @@
 //! `SPDY/3.1+portforward.k8s.io`.
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -21,6 +22,7 @@ use tokio::net::TcpStream;
 use super::{ControlError, HALF_CLOSE_HEADER};
 use crate::proto::ws::handshake;
 use crate::relay::UpstreamConn;
+use crate::secret::{Secret, SecretUrl};
 
 /// Which upgrade to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -159,18 +161,22 @@ pub fn error_message(body: &[u8]) -> String {
     text.lines().next().unwrap_or_default().to_string()
 }
 
-/// Upgrade the stream-server `url` to `protocol`. `ports` is used by WebSocket only (query
-/// `port=`).
+/// Upgrade the stream-server `url` to `protocol`, presenting `bearer` (if any) as
+/// `Authorization: Bearer`. `ports` is used by WebSocket only (query `port=`). Errors show the
+/// URL redacted: it may carry a token.
 pub async fn upgrade(
-    url: &str,
+    url: &SecretUrl,
     protocol: Protocol,
     ports: &[u16],
+    bearer: Option<&Secret>,
 ) -> Result<Upgraded, ControlError> {
+    let shown = url.to_string();
     let bad = |reason: &str| ControlError::BadUrl {
-        url: url.to_string(),
+        url: shown.clone(),
         reason: reason.into(),
     };
     let uri: Uri = url
+        .expose()
         .parse()
         .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
     if uri.scheme_str() != Some("http") {
@@ -194,7 +200,7 @@ pub async fn upgrade(
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|source| ControlError::Http {
-            url: url.into(),
+            url: shown.clone(),
             source,
         })?;
     tokio::spawn(conn.with_upgrades());
@@ -208,7 +214,14 @@ pub async fn upgrade(
         path.push(if path.contains('?') { '&' } else { '?' });
         path.push_str(&handshake::port_query(ports));
     }
-    let (builder, ask) = prepare(protocol, &path);
+    let (mut builder, ask) = prepare(protocol, &path);
+    if let Some(token) = bearer {
+        let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose()))
+            .map_err(|_| bad("the token is not a valid header value"))?;
+        // Keeps it out of the header map's Debug, and out of HPACK tables were this HTTP/2.
+        value.set_sensitive(true);
+        builder = builder.header(header::AUTHORIZATION, value);
+    }
     let req = builder
         .header(header::HOST, authority.as_str())
         .body(Empty::<Bytes>::new())
@@ -217,7 +230,7 @@ pub async fn upgrade(
         .send_request(req)
         .await
         .map_err(|source| ControlError::Http {
-            url: url.into(),
+            url: shown.clone(),
             source,
         })?;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -228,6 +241,12 @@ pub async fn upgrade(
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        if status == StatusCode::UNAUTHORIZED.as_u16() {
+            return Err(ControlError::Unauthorized {
+                url: shown,
+                body: error_message(&body),
+            });
+        }
         return Err(ControlError::Rejected {
             protocol: protocol.name(),
             status,
@@ -238,7 +257,7 @@ pub async fn upgrade(
     let upgraded = hyper::upgrade::on(resp)
         .await
         .map_err(|source| ControlError::Http {
-            url: url.into(),
+            url: shown.clone(),
             source,
         })?;
     let parts =

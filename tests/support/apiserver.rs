@@ -2248,6 +2248,8 @@ async fn backend_uri(backend: &Backend, client_query: Option<&str>) -> Result<Ur
             cri.port_forward(sandbox, &ports)
                 .await
                 .map_err(|e| format!("unable to get a port-forward URL: {e}"))?
+                .expose()
+                .to_string()
         }
         Backend::Url(url) if ports.is_empty() => url.clone(),
         Backend::Url(url) => {
