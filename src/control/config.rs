@@ -857,6 +857,39 @@ fn check_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The fuzz target's body (`tests/fuzz/fuzz_targets/config.rs`), here so the unit tests run
+/// it too: any bytes, as text, must parse to a config or to errors, never panic; and what
+/// comes out must keep the promises above.
+#[doc(hidden)]
+pub mod fuzz {
+    pub fn config(data: &[u8]) {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        match super::parse(text) {
+            Ok(c) => {
+                assert!(!c.forwards.is_empty());
+                let mut names = std::collections::HashSet::new();
+                for f in &c.forwards {
+                    assert!(names.insert(f.name.as_str()), "name {:?} twice", f.name);
+                    assert!(!f.addresses.is_empty());
+                    let ports = match &f.target {
+                        super::ForwardTarget::Cluster { ports, .. } => ports.len(),
+                        super::ForwardTarget::Runtime { ports, .. }
+                        | super::ForwardTarget::Url { ports, .. } => ports.len(),
+                    };
+                    assert!(ports > 0);
+                    assert!(f.pool.max_sessions >= 1);
+                }
+            }
+            Err(e) => {
+                assert!(!e.0.is_empty());
+                assert!(!e.in_file("f").is_empty());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1218,6 +1251,18 @@ mod tests {
             "#,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn fuzz_body_on_the_examples_and_their_prefixes() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/forwards");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read(entry.unwrap().path()).unwrap();
+            // Every prefix: truncated files in all the places a parser can be caught out.
+            for end in 0..=text.len() {
+                fuzz::config(&text[..end]);
+            }
+        }
     }
 
     #[test]
