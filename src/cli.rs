@@ -1,6 +1,7 @@
 //! The command line, shared by the `ringfwd` and `kubectl-ringfwd` binaries: parses
 //! arguments, sets up logging, and hands off to the library. `ringfwd TYPE/NAME PORTS` is
-//! `kubectl port-forward`; `forward`, `serve`, `bench` and `completion` are subcommands.
+//! `kubectl port-forward`; `forward`, `up` (many forwards from a file), `serve`, `bench` and
+//! `completion` are subcommands.
 //! Errors become one line on stderr and a non-zero exit.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -12,7 +13,8 @@ use std::time::Duration;
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 
 use crate::control::cluster::{Cluster, ClusterOptions, PortRequest, Target};
-use crate::control::forward::{ForwardConfig, Forwarder, PortSpec, Upstream};
+use crate::control::config::{self, ForwardTarget};
+use crate::control::forward::{ForwardConfig, Forwarder, Listener, PortSpec, Upstream};
 use crate::control::pool::{self, PoolOptions};
 use crate::control::upgrade::Protocol;
 use crate::metrics::ForwardMetrics;
@@ -65,7 +67,7 @@ Usage:
     after_help = EXAMPLES,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    override_usage = "ringfwd TYPE/NAME [options] [LOCAL_PORT:]REMOTE_PORT [...]\n       ringfwd <forward|serve|bench|completion> ..."
+    override_usage = "ringfwd TYPE/NAME [options] [LOCAL_PORT:]REMOTE_PORT [...]\n       ringfwd <forward|up|serve|bench|completion> ..."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -157,6 +159,16 @@ enum Command {
     ///   ringfwd forward --url http://127.0.0.1:10350/portforward :5432
     #[command(verbatim_doc_comment)]
     Forward(ForwardArgs),
+    /// Run every forward described in a TOML file, in one process.
+    ///
+    /// A file that does not validate starts nothing. A forward that cannot start (its target
+    /// cannot be resolved, its local port is taken, its runtime does not answer) is logged with
+    /// its name and the others keep running; the exit is non-zero only if none could start.
+    ///
+    /// Example:
+    ///   ringfwd up -f forwards.toml     (see examples/forwards/ and the README)
+    #[command(verbatim_doc_comment)]
+    Up(UpArgs),
     /// Serve the port-forward protocols (SPDY/3.1 and WebSocket v4), dialling targets on
     /// localhost or inside a network namespace.
     Serve(ServeArgs),
@@ -258,6 +270,13 @@ struct ForwardArgs {
 }
 
 #[derive(Args)]
+struct UpArgs {
+    /// The forwards file (TOML): one [[forward]] table per forward.
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    file: PathBuf,
+}
+
+#[derive(Args)]
 struct ServeArgs {
     /// Address to listen on. Anything but loopback needs --token-file or --generate-token.
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -336,10 +355,7 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         Upstream::Url(url) => redact_url(url),
         Upstream::Api { pod, .. } => pod.clone(),
     };
-    let cfg = ForwardConfig {
-        upstream,
-        protocol: a.protocol,
-        fallback_to_spdy: false,
+    let cfg = Common {
         addresses: listen_addresses(&a.address)?,
         bearer: a
             .token_file
@@ -350,7 +366,8 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         session: session_opts(&a.session),
         pool: a.pool.options(),
         metrics: ForwardMetrics::new(&name),
-    };
+    }
+    .into_config(upstream, a.protocol);
     let fwd = Forwarder::new(cfg, &specs)
         .await
         .map_err(|e| e.to_string())?;
@@ -380,24 +397,76 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
         .map(|s| s.parse::<PortRequest>())
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
-    let addresses = listen_addresses(&a.address)?;
-    let cluster = Cluster::connect(&ClusterOptions {
+    let common = Common {
+        addresses: listen_addresses(&a.address)?,
+        bearer: None,
+        session: session_opts(&a.session),
+        pool: a.pool.options(),
+        metrics: ForwardMetrics::new(&name),
+    };
+    let protocol = match a.protocol {
+        ApiProtocol::Auto => None,
+        ApiProtocol::Tunnel => Some(Protocol::Tunnel),
+        ApiProtocol::Spdy => Some(Protocol::Spdy),
+        ApiProtocol::Websocket => Some(Protocol::Websocket),
+    };
+    let options = ClusterOptions {
         kubeconfig: a.kubeconfig,
         context: a.context,
         cluster: a.cluster,
         user: a.user,
         namespace: a.namespace,
         pod_running_timeout: a.pod_running_timeout,
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    };
+    let (fwd, specs) =
+        cluster_forwarder(&options, &target, &requests, protocol, common, "").await?;
+    run_forward(fwd, &specs).await
+}
+
+/// What every forward has besides its upstream.
+struct Common {
+    addresses: Vec<IpAddr>,
+    /// A bearer token for a stream-server URL (`--token-file`).
+    bearer: Option<Secret>,
+    session: SessionOptions,
+    pool: PoolOptions,
+    metrics: ForwardMetrics,
+}
+
+impl Common {
+    /// A forward through a runtime or a stream-server URL.
+    fn into_config(self, upstream: Upstream, protocol: Protocol) -> ForwardConfig {
+        ForwardConfig {
+            upstream,
+            protocol,
+            fallback_to_spdy: false,
+            addresses: self.addresses,
+            bearer: self.bearer,
+            session: self.session,
+            pool: self.pool,
+            metrics: self.metrics,
+        }
+    }
+}
+
+/// Resolve a cluster target to a pod (printing which, for a workload; each line starts with
+/// `prefix`) and set up its forwarder. `protocol` `None` is `--protocol auto`.
+async fn cluster_forwarder(
+    options: &ClusterOptions,
+    target: &Target,
+    requests: &[PortRequest],
+    protocol: Option<Protocol>,
+    common: Common,
+    prefix: &str,
+) -> Result<(Arc<Forwarder>, Vec<PortSpec>), String> {
+    let cluster = Cluster::connect(options).await.map_err(|e| e.to_string())?;
     let resolved = cluster
-        .resolve(&target, &requests)
+        .resolve(target, requests)
         .await
         .map_err(|e| e.to_string())?;
     if !matches!(target.kind, crate::control::cluster::Kind::Pod) {
         println!(
-            "Selected pod {} for {target} ({}; {} matching pods)",
+            "{prefix}Selected pod {} for {target} ({}; {} matching pods)",
             resolved.pod,
             if resolved.ready {
                 "ready"
@@ -409,12 +478,10 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
     }
     let websockets_off = std::env::var("KUBECTL_PORT_FORWARD_WEBSOCKETS")
         .is_ok_and(|v| v.eq_ignore_ascii_case("false"));
-    let (protocol, fallback_to_spdy) = match a.protocol {
-        ApiProtocol::Auto if websockets_off => (Protocol::Spdy, false),
-        ApiProtocol::Auto => (Protocol::Tunnel, true),
-        ApiProtocol::Tunnel => (Protocol::Tunnel, false),
-        ApiProtocol::Spdy => (Protocol::Spdy, false),
-        ApiProtocol::Websocket => (Protocol::Websocket, false),
+    let (protocol, fallback_to_spdy) = match protocol {
+        None if websockets_off => (Protocol::Spdy, false),
+        None => (Protocol::Tunnel, true),
+        Some(p) => (p, false),
     };
     let cfg = ForwardConfig {
         upstream: Upstream::Api {
@@ -423,11 +490,11 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
         },
         protocol,
         fallback_to_spdy,
-        addresses,
         bearer: None,
-        session: session_opts(&a.session),
-        pool: a.pool.options(),
-        metrics: ForwardMetrics::new(&name),
+        addresses: common.addresses,
+        session: common.session,
+        pool: common.pool,
+        metrics: common.metrics,
     };
     let fwd = Forwarder::new(cfg, &resolved.ports)
         .await
@@ -437,19 +504,34 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
         resolved.pod,
         fwd.protocol().name()
     );
-    run_forward(fwd, &resolved.ports).await
+    Ok((fwd, resolved.ports))
 }
 
 type ControlErr = crate::control::ControlError;
 
+/// Bind every spec and print kubectl's `Forwarding from` lines, each after `prefix`.
+async fn bind_and_say(
+    fwd: &Forwarder,
+    specs: &[PortSpec],
+    prefix: &str,
+) -> Result<Vec<Listener>, String> {
+    let listeners = fwd.bind(specs).await.map_err(|e| e.to_string())?;
+    // One write for all of a forward's lines, so that forwards starting side by side (`up`)
+    // do not interleave theirs.
+    let lines: String = listeners
+        .iter()
+        .map(|l| format!("{prefix}Forwarding from {} -> {}\n", l.local, l.remote))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    let _ = std::io::Write::write_all(&mut out, lines.as_bytes());
+    // Scripts wait for these lines: do not leave them in a pipe buffer.
+    let _ = std::io::Write::flush(&mut out);
+    Ok(listeners)
+}
+
 /// Bind, print kubectl's `Forwarding from` lines, and relay until interrupted.
 async fn run_forward(fwd: Arc<Forwarder>, specs: &[PortSpec]) -> Result<(), String> {
-    let listeners = fwd.bind(specs).await.map_err(|e| e.to_string())?;
-    for l in &listeners {
-        println!("Forwarding from {} -> {}", l.local, l.remote);
-    }
-    // Scripts wait for these lines: do not leave them in a pipe buffer.
-    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let listeners = bind_and_say(&fwd, specs, "").await?;
     // The live view (if on) starts below them.
     status::show();
     let mut tasks = tokio::task::JoinSet::new();
@@ -462,6 +544,138 @@ async fn run_forward(fwd: Arc<Forwarder>, specs: &[PortSpec]) -> Result<(), Stri
     };
     status::finish();
     res
+}
+
+/// `ringfwd up -f FILE`: validate the whole file (a problem refuses it before anything starts),
+/// then start every forward side by side. A forward that cannot start is logged with its name
+/// and the rest keep running; only if none starts is that an error.
+async fn up(a: UpArgs) -> Result<(), String> {
+    let file = a.file.display().to_string();
+    let text = std::fs::read_to_string(&a.file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let mut cfg = config::parse(&text).map_err(|e| {
+        let n = e.0.len();
+        let problems = if n == 1 { "problem" } else { "problems" };
+        format!(
+            "{file}: {n} {problems}, no forward started\n{}",
+            e.in_file(&file)
+        )
+    })?;
+    // A relative kubeconfig path is relative to the file, not to wherever `up` was started.
+    let dir = a.file.parent().unwrap_or(std::path::Path::new(""));
+    for f in &mut cfg.forwards {
+        if let ForwardTarget::Cluster { options, .. } = &mut f.target
+            && let Some(k) = options.kubeconfig.as_mut()
+            && k.is_relative()
+        {
+            *k = dir.join(&*k);
+        }
+    }
+    let total = cfg.forwards.len();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let mut forwards = tokio::task::JoinSet::new();
+    for f in cfg.forwards {
+        let started = started_tx.clone();
+        forwards.spawn(async move {
+            let prefix = format!("{}: ", f.name);
+            let running = match start_configured(&f, &prefix).await {
+                Ok(running) => running,
+                Err(e) => {
+                    tracing::error!("forward {:?} did not start: {e}", f.name);
+                    let _ = started.send(false);
+                    return;
+                }
+            };
+            let _ = started.send(true);
+            let (fwd, listeners) = running;
+            let mut serving = tokio::task::JoinSet::new();
+            for l in listeners {
+                serving.spawn(fwd.clone().serve_listener(l));
+            }
+            serving.join_next().await;
+        });
+    }
+    drop(started_tx);
+    let mut failed = 0;
+    for _ in 0..total {
+        tokio::select! {
+            ok = started_rx.recv() => match ok {
+                Some(true) => {}
+                Some(false) | None => failed += 1,
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+    if failed == total {
+        return Err(format!(
+            "{file}: none of its {total} forwards could start (see above)"
+        ));
+    }
+    if failed > 0 {
+        tracing::warn!(
+            "{} of {total} forwards running; {failed} could not start",
+            total - failed
+        );
+    }
+    status::show();
+    // The forwards that did not start have ended already; the others run until interrupted.
+    let all_ended = async { while forwards.join_next().await.is_some() {} };
+    tokio::select! {
+        _ = all_ended => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    status::finish();
+    Ok(())
+}
+
+/// Set up one forward of an `up` file and bind its ports.
+async fn start_configured(
+    f: &config::Forward,
+    prefix: &str,
+) -> Result<(Arc<Forwarder>, Vec<Listener>), String> {
+    let common = Common {
+        addresses: listen_addresses(&f.addresses)?,
+        // A stream-server URL in a file carries its token in the path.
+        bearer: None,
+        session: f.session.options(),
+        pool: f.pool,
+        metrics: ForwardMetrics::new(&f.name),
+    };
+    let (fwd, specs) = match &f.target {
+        ForwardTarget::Cluster {
+            target,
+            ports,
+            options,
+            protocol,
+        } => cluster_forwarder(options, target, ports, *protocol, common, prefix).await?,
+        ForwardTarget::Runtime {
+            endpoint,
+            sandbox,
+            ports,
+            protocol,
+        } => {
+            let upstream = Upstream::Cri {
+                endpoint: endpoint.clone(),
+                sandbox: sandbox.clone(),
+            };
+            let fwd = Forwarder::new(common.into_config(upstream, *protocol), ports)
+                .await
+                .map_err(|e| e.to_string())?;
+            (fwd, ports.clone())
+        }
+        ForwardTarget::Url {
+            url,
+            ports,
+            protocol,
+        } => {
+            let upstream = Upstream::Url(url.clone());
+            let fwd = Forwarder::new(common.into_config(upstream, *protocol), ports)
+                .await
+                .map_err(|e| e.to_string())?;
+            (fwd, ports.clone())
+        }
+    };
+    let listeners = bind_and_say(&fwd, &specs, prefix).await?;
+    Ok((fwd, listeners))
 }
 
 /// Start what `--metrics-addr` and the live view need, before any forward exists (handles taken
@@ -538,7 +752,7 @@ pub fn main() -> ExitCode {
             .bin_name("kubectl ringfwd")
             .override_usage(
                 "kubectl ringfwd TYPE/NAME [options] [LOCAL_PORT:]REMOTE_PORT [...]\n       \
-                 kubectl ringfwd <forward|serve|bench|completion> ...",
+                 kubectl ringfwd <forward|up|serve|bench|completion> ...",
             )
             .after_help(EXAMPLES.replace("  ringfwd ", "  kubectl ringfwd "));
     }
@@ -568,8 +782,8 @@ pub fn main() -> ExitCode {
     }
     let metrics_addr = cli.obs.metrics_addr;
     // The live view is for forwards; serve and bench print their own output.
-    let live =
-        status::enabled(cli.obs.quiet) && matches!(cli.cmd, None | Some(Command::Forward(_)));
+    let live = status::enabled(cli.obs.quiet)
+        && matches!(cli.cmd, None | Some(Command::Forward(_) | Command::Up(_)));
     let res = match cli.cmd {
         Some(Command::Bench(a)) => bench::run(a, metrics_addr),
         Some(Command::Completion { shell }) => {
@@ -594,6 +808,7 @@ pub fn main() -> ExitCode {
                 observe(metrics_addr, live).await?;
                 match cmd {
                     Some(Command::Forward(a)) => forward(a).await,
+                    Some(Command::Up(a)) => up(a).await,
                     Some(Command::Serve(a)) => serve_cmd(a).await,
                     None => port_forward(cli.pf).await,
                     Some(Command::Bench(_) | Command::Completion { .. }) => unreachable!(),

@@ -52,7 +52,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !(secs.is_finite() && secs > 0.0) {
         return Err(format!("duration {s:?} must be positive"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    // `from_secs_f64` panics past u64::MAX seconds; a typo must be an error, not a crash.
+    // Below a nanosecond rounds to zero, which a timer would reject.
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d.is_zero() => Err(format!("duration {s:?} must be positive")),
+        Ok(d) => Ok(d),
+        Err(_) => Err(format!("duration {s:?} is too long")),
+    }
 }
 
 #[cfg(test)]
@@ -69,5 +75,7 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("3d").unwrap_err().contains("unit"));
         assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("99999999999999999999999h").is_err());
+        assert!(parse_duration("0.0000000001s").is_err());
     }
 }
