@@ -56,6 +56,8 @@ CONTAINERD = os.environ.get("CONTAINERD", "auto")  # auto | 0 | 1
 # off (default), on, or both (every ringfwd row twice). RINGFWD_METRICS_ARGS is appended to
 # `ringfwd forward`, RINGFWD_SERVE_METRICS_ARGS to `ringfwd serve`.
 METRICS = os.environ.get("RINGFWD_METRICS", "off")
+# ringfwd's data planes to measure, one row each (`--data-plane`).
+DATA_PLANES = [d for d in os.environ.get("DATA_PLANES", "epoll,copy").split(",") if d]
 METRICS_ARGS = shlex.split(
     os.environ.get("RINGFWD_METRICS_ARGS", "--metrics-addr 127.0.0.1:0")
 )
@@ -72,6 +74,7 @@ KNOBS = [
     "RINGFWD_BIN",
     "CONTAINERD",
     "RINGFWD_METRICS",
+    "DATA_PLANES",
     "RINGFWD_METRICS_ARGS",
     "RINGFWD_SERVE_METRICS_ARGS",
     "ROWS",
@@ -264,8 +267,8 @@ def socat(name, dest_host, dest_port):
     return p, ports[0]
 
 
-def ringfwd_forward(upstream, remotes, metrics):
-    argv = [RINGFWD, "forward"] + upstream + ["--address", LOCAL]
+def ringfwd_forward(upstream, remotes, metrics, dp):
+    argv = [RINGFWD, "forward", "--data-plane", dp] + upstream + ["--address", LOCAL]
     argv += [f":{r}" for r in remotes] + (METRICS_ARGS if metrics else [])
     p = Proc("ringfwd forward", argv)
     local = {}
@@ -275,8 +278,8 @@ def ringfwd_forward(upstream, remotes, metrics):
     return p, local
 
 
-def ringfwd_serve(metrics):
-    argv = [RINGFWD, "serve", "--listen", f"{LOCAL}:0"]
+def ringfwd_serve(metrics, dp):
+    argv = [RINGFWD, "serve", "--data-plane", dp, "--listen", f"{LOCAL}:0"]
     p = Proc("ringfwd serve", argv + (SERVE_METRICS_ARGS if metrics else []))
     return p, p.wait_line(r"Serving port-forward on (\S+)").group(1)
 
@@ -321,21 +324,21 @@ def path_socat(targets_at, hops):
     return path(targets_at, build)
 
 
-def path_ringfwd_serve(targets_at, metrics):
+def path_ringfwd_serve(targets_at, metrics, dp):
     def build(s, _host, t):
-        serve, url = ringfwd_serve(metrics)
+        serve, url = ringfwd_serve(metrics, dp)
         s.add(serve)
-        fwd, local = ringfwd_forward(["--url", url], [t[k] for k in TARGETS], metrics)
+        fwd, local = ringfwd_forward(["--url", url], [t[k] for k in TARGETS], metrics, dp)
         s.add(fwd)
         s.entry = {k: (LOCAL, local[t[k]]) for k in TARGETS}
 
     return path(targets_at, build)
 
 
-def path_ringfwd_cri(targets_at, pod, metrics):
+def path_ringfwd_cri(targets_at, pod, metrics, dp):
     def build(s, _host, t):
         upstream = ["--runtime-endpoint", pod["endpoint"], pod["sandbox"]]
-        fwd, local = ringfwd_forward(upstream, [t[k] for k in TARGETS], metrics)
+        fwd, local = ringfwd_forward(upstream, [t[k] for k in TARGETS], metrics, dp)
         s.add(fwd)
         s.add(pod["containerd"])
         s.entry = {k: (LOCAL, local[t[k]]) for k in TARGETS}
@@ -715,7 +718,8 @@ def main():
     load0 = loadavg()
     metrics_modes = {"off": [False], "on": [True], "both": [False, True]}[METRICS]
 
-    def tag(name, metrics):
+    def tag(name, metrics, dp):
+        name = f"{name} [{dp}]"
         return name + (" (metrics on)" if metrics else "") if METRICS != "off" else name
 
     plan = [
@@ -723,8 +727,10 @@ def main():
         (f"socat -b {SOCAT_BUF}", path_socat(local_targets, 1), 0),
         (f"2 chained socat -b {SOCAT_BUF}", path_socat(local_targets, 2), 0),
     ]
-    for m in metrics_modes:
-        plan.append((tag("ringfwd forward + ringfwd serve", m), path_ringfwd_serve(local_targets, m), IDLE_CONNS))
+    for dp in DATA_PLANES:
+        for m in metrics_modes:
+            plan.append((tag("ringfwd forward + ringfwd serve", m, dp),
+                         path_ringfwd_serve(local_targets, m, dp), IDLE_CONNS))
     pod = None
     want, why = containerd_wanted()
     if want:
@@ -740,10 +746,10 @@ def main():
 
         plan.append(("direct to pod IP", path_direct(pod_targets), 0))
         plan.append((f"socat -b {SOCAT_BUF} to pod IP", path_socat(pod_targets, 1), 0))
-        for m in metrics_modes:
-            plan.append(
-                (tag("ringfwd forward via containerd", m), path_ringfwd_cri(pod_targets, pod, m), IDLE_CONNS_CRI)
-            )
+        for dp in DATA_PLANES:
+            for m in metrics_modes:
+                plan.append((tag("ringfwd forward via containerd", m, dp),
+                             path_ringfwd_cri(pod_targets, pod, m, dp), IDLE_CONNS_CRI))
     else:
         log(f"containerd rows skipped: {why}")
     if ROWS:

@@ -6,6 +6,7 @@
 #   socat -b 131072                  client -> socat -> target
 #   2 chained socat -b 131072        client -> socat -> socat -> target
 #   ringfwd forward + ringfwd serve  client -> ringfwd forward --url -> ringfwd serve -> target
+#                                    (once per data plane: [epoll] splices, [copy] copies)
 # and, run as root with containerd installed (a private containerd and pod sandbox from the
 # forward test's hold_sandbox trial, targets inside the pod's network namespace):
 #   direct to pod IP, socat -b 131072 to pod IP,
@@ -27,6 +28,7 @@
 #                                   OS thread per connection: 10,000 exceed a 20k fd limit)
 #   CONTAINERD=auto|0|1             the containerd rows: when possible / never / required
 #   ROWS=socat,serve                only rows whose name contains one of these
+#   DATA_PLANES=epoll,copy          ringfwd's --data-plane values, one row each
 #   RINGFWD_METRICS=off|on|both     ringfwd rows without / with / both with and without the
 #                                   metrics endpoint: RINGFWD_METRICS_ARGS (default
 #                                   "--metrics-addr 127.0.0.1:0") goes to `ringfwd forward`,

@@ -122,6 +122,8 @@ struct Shared {
     out: mpsc::UnboundedSender<Frame>,
     conns: Mutex<HashMap<ConnId, ConnEntry>>,
     budget: Arc<Semaphore>,
+    /// Woken whenever a connection is released.
+    released: tokio::sync::Notify,
     dead: watch::Sender<Option<Arc<str>>>,
     retiring: AtomicBool,
     /// We ended the session ourselves (GOAWAY / close frame sent): the reader drains what the
@@ -198,6 +200,7 @@ impl Session {
             out: out_tx,
             conns: Mutex::new(HashMap::new()),
             budget: Arc::new(Semaphore::new(SESSION_WRITE_BUDGET)),
+            released: tokio::sync::Notify::new(),
             dead: watch::channel(None).0,
             retiring: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -295,6 +298,8 @@ impl Session {
             conns.remove(&conn);
             conns.is_empty()
         };
+        // A reader waiting for this connection's pipe to drain waits no more.
+        self.shared.released.notify_waiters();
         if idle && self.shared.retiring.load(Ordering::Acquire) {
             self.shutdown();
         }
@@ -471,6 +476,15 @@ impl Session {
             entry.down = Some(Arc::new(Pipe::new().ok()?));
         }
         entry.down.clone()
+    }
+
+    /// `pipe` is still where `conn`'s payload goes (the connection has not been released).
+    fn has_pipe(&self, conn: ConnId, pipe: &Arc<Pipe>) -> bool {
+        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns
+            .get(&conn)
+            .and_then(|e| e.down.as_ref())
+            .is_some_and(|d| Arc::ptr_eq(d, pipe))
     }
 
     /// `conn` has spliced everything out of `pipe`: close it unless more is on the way, so an
@@ -656,10 +670,17 @@ impl Session {
                     SpliceIn::Eof => return Err(RelayError::UpstreamClosed),
                     SpliceIn::Full => {
                         // The local client is not keeping up: as with a full queue, stop
-                        // reading until it does.
-                        tokio::select! {
-                            _ = self.stalled(pipe.drained()) => {}
-                            _ = dead.changed() => return Ok(()),
+                        // reading until it does, or until its connection is gone (then the
+                        // rest of the payload is read and dropped on the next turn).
+                        let gone = self.shared.released.notified();
+                        tokio::pin!(gone);
+                        gone.as_mut().enable();
+                        if self.has_pipe(conn, &pipe) {
+                            tokio::select! {
+                                _ = self.stalled(pipe.drained()) => {}
+                                _ = gone => {}
+                                _ = dead.changed() => return Ok(()),
+                            }
                         }
                         continue;
                     }
@@ -1102,6 +1123,85 @@ mod tests {
             .await
             .expect("the data never left the client");
         assert!(matches!(data, Some(Inbound::Data(b)) if &b[..] == b"hello"));
+    }
+
+    /// Splicing server: a connection whose pipe filled up and whose relay then ended (its
+    /// target reset) must not hold the session's reader: the rest of its payload is dropped
+    /// and another connection on the same session still works.
+    #[tokio::test]
+    async fn a_released_connection_does_not_hold_the_spliced_reader() {
+        if !crate::relay::splice_available() {
+            return eprintln!("splice not available here: skipped");
+        }
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (srv, _) = l.accept().await.unwrap();
+        let stalls = Arc::new(watch::channel(0usize).0);
+        let opts = SessionOptions {
+            splice: true,
+            ..SessionOptions::default()
+        };
+        let (client, _) = Session::start(
+            c,
+            Bytes::new(),
+            Box::new(SpdyPortForward::client().with_immediate_eof()),
+            opts.clone(),
+        );
+        let server_opts = SessionOptions {
+            stalls: Some(stalls.clone()),
+            ..opts
+        };
+        let (server, mut incoming) = Session::start(
+            srv,
+            Bytes::new(),
+            Box::new(SpdyPortForward::server()),
+            server_opts,
+        );
+        assert!(server.can_splice());
+        let (a, _a_rx) = client.open(1).unwrap();
+        let uploader = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for _ in 0..64 {
+                    let mut buf = BytesMut::zeroed(HEADROOM + 256 * 1024);
+                    if client.send_data(a, &mut buf).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let got_a = incoming.recv().await.unwrap();
+        // Nobody drains A's pipe: the reader stalls on it.
+        let mut w = stalls.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), w.wait_for(|n| *n > 0))
+            .await
+            .expect("the reader never stalled on the full pipe")
+            .unwrap();
+        // A's target goes away: its relay reports it and lets go.
+        server.fail(got_a.conn, "target reset");
+        drop(got_a.inbound);
+        let (b, _b_rx) = client.open(2).unwrap();
+        let mut hello = BytesMut::zeroed(HEADROOM);
+        hello.extend_from_slice(b"hello");
+        client.send_data(b, &mut hello).await.unwrap();
+        let mut got_b = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let i = incoming.recv().await.unwrap();
+                if i.port == 2 {
+                    return i;
+                }
+            }
+        })
+        .await
+        .expect("the session's reader is still held by the released connection");
+        let first = tokio::time::timeout(Duration::from_secs(10), got_b.inbound.recv())
+            .await
+            .expect("no data for the second connection");
+        assert!(
+            matches!(first, Some(Inbound::Data(ref d)) if &d[..] == b"hello"),
+            "{first:?}"
+        );
+        uploader.abort();
     }
 
     /// A WebSocket v4 server dials at the upgrade and may answer with an error and a close
