@@ -1,0 +1,146 @@
+//! `--data-plane`: the probe, the fallback and the refusal, with splice(2) really forbidden.
+//!
+//! The binary runs under a seccomp filter that makes `splice` fail with EPERM, the way a
+//! container runtime's default profile can, installed in the child just before `exec`.
+//! `ringfwd bench` then moves real bytes through its embedded `serve`, so a data plane that
+//! claimed splice and could not use it would fail the transfer, not just print a name.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+
+/// Classic BPF, as seccomp reads it (linux/filter.h, linux/seccomp.h).
+const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
+const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10 | 0x00;
+const BPF_RET_K: u16 = 0x06 | 0x00;
+const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+/// Offsets in `struct seccomp_data`.
+const NR_OFFSET: u32 = 0;
+const ARCH_OFFSET: u32 = 4;
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xc000_003e;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xc000_00b7;
+
+fn stmt(code: u16, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+fn jeq(k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter {
+        code: BPF_JMP_JEQ_K,
+        jt,
+        jf,
+        k,
+    }
+}
+
+/// In the child, before exec: every `splice` call fails with EPERM from now on.
+fn forbid_splice() -> std::io::Result<()> {
+    let mut prog = [
+        stmt(BPF_LD_W_ABS, ARCH_OFFSET),
+        jeq(AUDIT_ARCH, 1, 0),
+        stmt(BPF_RET_K, SECCOMP_RET_ALLOW), // another ABI: not ours to judge
+        stmt(BPF_LD_W_ABS, NR_OFFSET),
+        jeq(libc::SYS_splice as u32, 0, 1),
+        stmt(BPF_RET_K, SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        stmt(BPF_RET_K, SECCOMP_RET_ALLOW),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // Safety: prctl with the documented arguments; `fprog` points at `prog`, alive for the
+    // call (the kernel copies the filter). Only async-signal-safe calls, as pre_exec requires.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &fprog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn bench(data_plane: &str, no_splice: bool) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringfwd"));
+    cmd.args([
+        "bench",
+        "--data-plane",
+        data_plane,
+        "--bytes",
+        "32MiB",
+        "--connects",
+        "5",
+        "--echoes",
+        "10",
+    ])
+    .env("RUST_LOG", "ringfwd=warn");
+    if no_splice {
+        // Safety: the closure only calls prctl (async-signal-safe) between fork and exec.
+        unsafe { cmd.pre_exec(forbid_splice) };
+    }
+    cmd.output().expect("run ringfwd bench")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn auto_uses_splice_where_allowed() {
+    let out = bench("auto", false);
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{so}{se}");
+    assert!(so.contains("data plane epoll"), "{so}");
+    assert!(!se.contains("splice(2) is not available"), "{se}");
+}
+
+#[test]
+fn auto_falls_back_to_copy_when_splice_is_forbidden() {
+    let out = bench("auto", true);
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the fallback did not carry the bench: {so}{se}"
+    );
+    assert!(so.contains("data plane copy"), "{so}");
+    let warned: Vec<_> = se
+        .lines()
+        .filter(|l| l.contains("splice(2) is not available"))
+        .collect();
+    assert_eq!(warned.len(), 1, "want one line saying why: {se}");
+}
+
+#[test]
+fn epoll_is_refused_when_splice_is_forbidden() {
+    let out = bench("epoll", true);
+    let se = text(&out.stderr);
+    assert!(!out.status.success(), "{se}");
+    let lines: Vec<&str> = se.trim().lines().collect();
+    assert_eq!(lines.len(), 1, "{se}");
+    assert!(
+        lines[0].starts_with("error: ")
+            && lines[0].contains("needs splice(2)")
+            && lines[0].contains("--data-plane copy"),
+        "{se}"
+    );
+}
+
+#[test]
+fn copy_never_splices() {
+    // Under the filter a single splice would fail the transfer.
+    let out = bench("copy", true);
+    let (so, se) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{so}{se}");
+    assert!(so.contains("data plane copy"), "{so}");
+}
