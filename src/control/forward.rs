@@ -23,7 +23,7 @@ use super::cluster::Cluster;
 use super::cri::CriClient;
 use super::pool::{Pool, PoolOptions, SessionFactory};
 use super::upgrade::{Protocol, Upgraded, upgrade};
-use crate::metrics::ForwardMetrics;
+use crate::metrics::{ForwardMetrics, Outcome};
 use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
@@ -352,7 +352,8 @@ impl Forwarder {
         Ok(out)
     }
 
-    /// Accept on `l` forever, relaying each connection on its own task.
+    /// Accept on `l` until dropped (dropping it closes the port), relaying each connection on
+    /// its own task.
     pub async fn serve_listener(self: Arc<Self>, l: Listener) {
         loop {
             match l.tcp.accept().await {
@@ -372,17 +373,34 @@ impl Forwarder {
     /// Relay one accepted connection; returns how it ended.
     pub async fn handle(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) -> ConnOutcome {
         tracing::debug!("handling connection from {peer} for port {remote}");
+        // Counted from here, so that a shutdown also waits for (and then cuts) connections
+        // still waiting for a session.
+        let drain = self.connector.cfg.session.drain.clone();
+        let _open = drain.as_ref().map(|d| d.track());
+        let cut = async {
+            match &drain {
+                Some(d) => d.cut().await,
+                None => std::future::pending().await,
+            }
+        };
         let stream = self.connector.cfg.metrics.accept(Some(peer), remote);
         let timeout = self.connector.cfg.pool.connect_timeout;
         let (session, outcome) = match &self.pool {
-            Some(pool) => match tokio::time::timeout(timeout, pool.checkout(remote))
-                .await
-                .unwrap_or(Err(ControlError::SetupTimeout(timeout)))
-            {
+            Some(pool) => match tokio::select! {
+                r = tokio::time::timeout(timeout, pool.checkout(remote)) => {
+                    r.unwrap_or(Err(ControlError::SetupTimeout(timeout)))
+                }
+                () = cut => Err(ControlError::ShuttingDown),
+            } {
                 Ok((lease, conn, inbound)) => {
                     let s = lease.session().clone();
                     let outcome = relay_opened_conn(&s, tcp, conn, inbound, lease, stream).await;
                     (s, outcome)
+                }
+                Err(ControlError::ShuttingDown) => {
+                    let _ = tcp.set_zero_linger();
+                    stream.finish(Outcome::Shutdown, &"no session yet at shutdown");
+                    return ConnOutcome::Shutdown;
                 }
                 Err(e) => return Self::no_session(tcp, peer, remote, e.to_string()),
             },
@@ -425,6 +443,10 @@ impl Forwarder {
                     session.retire();
                     self.sessions_retired.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+            // Counted in the one line the shutdown ends with.
+            ConnOutcome::Shutdown => {
+                tracing::debug!("connection from {peer} to port {remote} reset: {outcome}")
             }
             _ => tracing::warn!("connection from {peer} to port {remote} reset: {outcome}"),
         }

@@ -73,6 +73,8 @@ pub enum ControlError {
         "no upstream session within {0:?} (--connect-timeout): the runtime or API server did not answer"
     )]
     SetupTimeout(std::time::Duration),
+    #[error("shutting down")]
+    ShuttingDown,
     #[error("{0}")]
     Relay(#[from] crate::relay::RelayError),
     #[error("{0}")]
