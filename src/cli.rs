@@ -214,9 +214,14 @@ struct SessionArgs {
 struct PoolArgs {
     /// Most upstream sessions at once. Each connection gets a session to itself while its client
     /// sends, so that one client that stops reading cannot freeze the others; past this bound
-    /// new connections share the least-used session instead (never refused).
+    /// new connections share the least-used session instead (refused only when every session
+    /// is at its stream limit).
     #[arg(long, default_value_t = pool::DEFAULT_MAX_SESSIONS, value_parser = at_least_one, value_name = "N")]
     max_sessions: usize,
+    /// Most connections open at once; one more is accepted and reset at once (logged at most
+    /// once a second).
+    #[arg(long, default_value_t = pool::DEFAULT_MAX_CONNECTIONS, value_parser = at_least_one, value_name = "N")]
+    max_connections: usize,
     /// Sessions kept set up ahead, so that a new connection does not wait for one.
     #[arg(long, default_value_t = pool::DEFAULT_WARM_SESSIONS, value_name = "N")]
     warm_sessions: usize,
@@ -236,6 +241,7 @@ fn at_least_one(s: &str) -> Result<usize, String> {
 impl PoolArgs {
     fn options(&self) -> PoolOptions {
         PoolOptions {
+            max_connections: self.max_connections,
             max_sessions: self.max_sessions,
             warm_sessions: self.warm_sessions,
             connect_timeout: self.connect_timeout,

@@ -1,4 +1,5 @@
-//! How a forward ends: graceful shutdown on SIGINT/SIGTERM (`--grace`). Real processes (`ringfwd serve` and
+//! How a forward ends and where it stops taking connections: graceful shutdown on
+//! SIGINT/SIGTERM (`--grace`), and `--max-connections`. Real processes (`ringfwd serve` and
 //! `ringfwd forward --url`), real sockets on port 0; every wait is for a line, a byte, an end
 //! of file or an exit, never a sleep.
 
@@ -292,4 +293,39 @@ fn a_second_sigint_stops_at_once() {
         matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
         "want a reset, got {r:?}"
     );
+}
+
+/// Sends `msg` on `c` and reads it back.
+fn echo(c: &mut TcpStream, msg: &[u8]) {
+    c.write_all(msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
+#[test]
+fn past_max_connections_a_connection_is_reset_and_the_others_keep_working() {
+    let (_serve, mut fwd, port) = forward_to(echo_server(), &["--max-connections", "2"]);
+    let open = || {
+        let c = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        c
+    };
+    let (mut a, mut b) = (open(), open());
+    // Both are relayed (so both hold their place) before the third arrives.
+    echo(&mut a, b"first");
+    echo(&mut b, b"second");
+
+    let mut third = open();
+    let mut buf = [0u8; 16];
+    let r = third.read(&mut buf);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "want a reset, got {r:?}"
+    );
+    let line = fwd.wait_stderr("--max-connections 2");
+    assert!(line.contains("reset: 2 connections open"), "{line}");
+
+    echo(&mut a, &payload(64 * 1024, 5));
+    echo(&mut b, &payload(64 * 1024, 6));
 }
