@@ -18,8 +18,9 @@ use crate::control::forward::{ForwardConfig, Forwarder, Listener, PortSpec, Upst
 use crate::control::pool::{self, PoolOptions};
 use crate::control::upgrade::Protocol;
 use crate::metrics::ForwardMetrics;
-use crate::relay::{DataPlane, SessionOptions};
+use crate::relay::{DataPlane, Drain, SessionOptions};
 use crate::secret::{Secret, redact_url};
+use crate::shutdown::{self, Signals};
 use crate::{bench, metrics, parse_duration, serve, status};
 
 const ABOUT: &str = "Forward one or more local ports to a pod, fast, and keep the forward up.";
@@ -132,6 +133,8 @@ struct PortForwardArgs {
     session: SessionArgs,
     #[command(flatten)]
     pool: PoolArgs,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
     /// pod/NAME (or just NAME), svc/NAME, deploy/NAME, rs/NAME or sts/NAME.
     #[arg(value_name = "TYPE/NAME", required = true)]
     target: Option<String>,
@@ -211,9 +214,14 @@ struct SessionArgs {
 struct PoolArgs {
     /// Most upstream sessions at once. Each connection gets a session to itself while its client
     /// sends, so that one client that stops reading cannot freeze the others; past this bound
-    /// new connections share the least-used session instead (never refused).
+    /// new connections share the least-used session instead (refused only when every session
+    /// is at its stream limit).
     #[arg(long, default_value_t = pool::DEFAULT_MAX_SESSIONS, value_parser = at_least_one, value_name = "N")]
     max_sessions: usize,
+    /// Most connections open at once; one more is accepted and reset at once (logged at most
+    /// once a second).
+    #[arg(long, default_value_t = pool::DEFAULT_MAX_CONNECTIONS, value_parser = at_least_one, value_name = "N")]
+    max_connections: usize,
     /// Sessions kept set up ahead, so that a new connection does not wait for one.
     #[arg(long, default_value_t = pool::DEFAULT_WARM_SESSIONS, value_name = "N")]
     warm_sessions: usize,
@@ -233,6 +241,7 @@ fn at_least_one(s: &str) -> Result<usize, String> {
 impl PoolArgs {
     fn options(&self) -> PoolOptions {
         PoolOptions {
+            max_connections: self.max_connections,
             max_sessions: self.max_sessions,
             warm_sessions: self.warm_sessions,
             connect_timeout: self.connect_timeout,
@@ -264,6 +273,8 @@ struct ForwardArgs {
     session: SessionArgs,
     #[command(flatten)]
     pool: PoolArgs,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
     /// [SANDBOX_ID] [LOCAL:]REMOTE ...
     #[arg(required = true)]
     args: Vec<String>,
@@ -274,6 +285,8 @@ struct UpArgs {
     /// The forwards file (TOML): one [[forward]] table per forward.
     #[arg(short = 'f', long = "file", value_name = "PATH")]
     file: PathBuf,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
 }
 
 #[derive(Args)]
@@ -293,6 +306,17 @@ struct ServeArgs {
     netns: Option<PathBuf>,
     #[command(flatten)]
     session: SessionArgs,
+    #[command(flatten)]
+    shutdown: ShutdownArgs,
+}
+
+/// What SIGINT/SIGTERM does.
+#[derive(Args)]
+struct ShutdownArgs {
+    /// On SIGINT/SIGTERM, stop accepting and give open connections this long to finish; then
+    /// reset the rest and exit non-zero. A second signal stops at once.
+    #[arg(long, default_value = shutdown::DEFAULT_GRACE, value_parser = parse_duration, value_name = "DURATION")]
+    grace: Duration,
 }
 
 fn addresses(list: &[String]) -> Result<Vec<IpAddr>, String> {
@@ -313,12 +337,13 @@ fn addresses(list: &[String]) -> Result<Vec<IpAddr>, String> {
     Ok(out)
 }
 
-fn session_opts(a: &SessionArgs) -> SessionOptions {
+fn session_opts(a: &SessionArgs, drain: &Drain) -> SessionOptions {
     SessionOptions {
         ping_interval: a.ping_interval,
         ping_timeout: a.ping_timeout,
         half_close_quiet: a.half_close_quiet,
         half_close_hold: a.half_close_hold,
+        drain: Some(drain.clone()),
         ..SessionOptions::default()
     }
 }
@@ -355,6 +380,7 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         Upstream::Url(url) => redact_url(url),
         Upstream::Api { pod, .. } => pod.clone(),
     };
+    let drain = Drain::new();
     let cfg = Common {
         addresses: listen_addresses(&a.address)?,
         bearer: a
@@ -363,7 +389,7 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
             .map(Secret::from_file)
             .transpose()
             .map_err(|e| e.to_string())?,
-        session: session_opts(&a.session),
+        session: session_opts(&a.session, &drain),
         pool: a.pool.options(),
         metrics: ForwardMetrics::new(&name),
     }
@@ -371,7 +397,7 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
     let fwd = Forwarder::new(cfg, &specs)
         .await
         .map_err(|e| e.to_string())?;
-    run_forward(fwd, &specs).await
+    run_forward(fwd, &specs, &drain, a.shutdown.grace).await
 }
 
 fn listen_addresses(list: &[String]) -> Result<Vec<IpAddr>, String> {
@@ -397,10 +423,11 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
         .map(|s| s.parse::<PortRequest>())
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
+    let drain = Drain::new();
     let common = Common {
         addresses: listen_addresses(&a.address)?,
         bearer: None,
-        session: session_opts(&a.session),
+        session: session_opts(&a.session, &drain),
         pool: a.pool.options(),
         metrics: ForwardMetrics::new(&name),
     };
@@ -420,7 +447,7 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
     };
     let (fwd, specs) =
         cluster_forwarder(&options, &target, &requests, protocol, common, "").await?;
-    run_forward(fwd, &specs).await
+    run_forward(fwd, &specs, &drain, a.shutdown.grace).await
 }
 
 /// What every forward has besides its upstream.
@@ -529,21 +556,28 @@ async fn bind_and_say(
     Ok(listeners)
 }
 
-/// Bind, print kubectl's `Forwarding from` lines, and relay until interrupted.
-async fn run_forward(fwd: Arc<Forwarder>, specs: &[PortSpec]) -> Result<(), String> {
+/// Bind, print kubectl's `Forwarding from` lines, and relay until SIGINT/SIGTERM; then shut
+/// down gracefully (see [`shutdown`]).
+async fn run_forward(
+    fwd: Arc<Forwarder>,
+    specs: &[PortSpec],
+    drain: &Drain,
+    grace: Duration,
+) -> Result<(), String> {
+    let mut signals = Signals::new()?;
     let listeners = bind_and_say(&fwd, specs, "").await?;
     // The live view (if on) starts below them.
     status::show();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut serving = tokio::task::JoinSet::new();
     for l in listeners {
-        tasks.spawn(fwd.clone().serve_listener(l));
+        serving.spawn(fwd.clone().serve_listener(l));
     }
-    let res = tokio::select! {
-        _ = tasks.join_next() => Ok(()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
-    };
+    signals.recv().await;
+    // Stop accepting: the listeners close as their tasks end.
+    serving.shutdown().await;
+    let ended = shutdown::drain(drain, grace, &mut signals).await;
     status::finish();
-    res
+    ended.into_result(grace)
 }
 
 /// `ringfwd up -f FILE`: validate the whole file (a problem refuses it before anything starts),
@@ -571,72 +605,74 @@ async fn up(a: UpArgs) -> Result<(), String> {
         }
     }
     let total = cfg.forwards.len();
-    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
-    let mut forwards = tokio::task::JoinSet::new();
+    let grace = a.shutdown.grace;
+    let drain = Drain::new();
+    let mut signals = Signals::new()?;
+    let mut starting = tokio::task::JoinSet::new();
     for f in cfg.forwards {
-        let started = started_tx.clone();
-        forwards.spawn(async move {
+        let drain = drain.clone();
+        starting.spawn(async move {
             let prefix = format!("{}: ", f.name);
-            let running = match start_configured(&f, &prefix).await {
-                Ok(running) => running,
-                Err(e) => {
-                    tracing::error!("forward {:?} did not start: {e}", f.name);
-                    let _ = started.send(false);
-                    return;
-                }
-            };
-            let _ = started.send(true);
-            let (fwd, listeners) = running;
-            let mut serving = tokio::task::JoinSet::new();
-            for l in listeners {
-                serving.spawn(fwd.clone().serve_listener(l));
-            }
-            serving.join_next().await;
+            start_configured(&f, &prefix, &drain)
+                .await
+                .inspect_err(|e| tracing::error!("forward {:?} did not start: {e}", f.name))
+                .ok()
         });
     }
-    drop(started_tx);
+    // Every listener of every forward that started; dropping a task closes its port.
+    let mut serving = tokio::task::JoinSet::new();
     let mut failed = 0;
-    for _ in 0..total {
+    let signalled = loop {
         tokio::select! {
-            ok = started_rx.recv() => match ok {
-                Some(true) => {}
-                Some(false) | None => failed += 1,
+            started = starting.join_next() => match started {
+                Some(Ok(Some((fwd, listeners)))) => {
+                    for l in listeners {
+                        serving.spawn(fwd.clone().serve_listener(l));
+                    }
+                }
+                Some(_) => failed += 1,
+                None => break false,
             },
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            () = signals.recv() => break true,
         }
+    };
+    if !signalled {
+        if failed == total {
+            return Err(format!(
+                "{file}: none of its {total} forwards could start (see above)"
+            ));
+        }
+        if failed > 0 {
+            tracing::warn!(
+                "{} of {total} forwards running; {failed} could not start",
+                total - failed
+            );
+        }
+        status::show();
+        signals.recv().await;
     }
-    if failed == total {
-        return Err(format!(
-            "{file}: none of its {total} forwards could start (see above)"
-        ));
-    }
-    if failed > 0 {
-        tracing::warn!(
-            "{} of {total} forwards running; {failed} could not start",
-            total - failed
-        );
-    }
-    status::show();
-    // The forwards that did not start have ended already; the others run until interrupted.
-    let all_ended = async { while forwards.join_next().await.is_some() {} };
-    tokio::select! {
-        _ = all_ended => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    // Stop accepting, and starting.
+    starting.shutdown().await;
+    serving.shutdown().await;
+    let ended = shutdown::drain(&drain, grace, &mut signals).await;
     status::finish();
-    Ok(())
+    ended.into_result(grace)
 }
 
 /// Set up one forward of an `up` file and bind its ports.
 async fn start_configured(
     f: &config::Forward,
     prefix: &str,
+    drain: &Drain,
 ) -> Result<(Arc<Forwarder>, Vec<Listener>), String> {
     let common = Common {
         addresses: listen_addresses(&f.addresses)?,
         // A stream-server URL in a file carries its token in the path.
         bearer: None,
-        session: f.session.options(),
+        session: SessionOptions {
+            drain: Some(drain.clone()),
+            ..f.session.options()
+        },
         pool: f.pool,
         metrics: ForwardMetrics::new(&f.name),
     };
@@ -720,6 +756,7 @@ async fn serve_cmd(a: ServeArgs) -> Result<(), String> {
             a.listen.ip()
         );
     }
+    let mut signals = Signals::new()?;
     let (listener, url) = serve::bind(a.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
@@ -728,14 +765,19 @@ async fn serve_cmd(a: ServeArgs) -> Result<(), String> {
         Some(t) => println!("Serving port-forward on {url}/{}", t.expose()),
         None => println!("Serving port-forward on {url}"),
     }
+    let drain = Drain::new();
     let opts = SessionOptions {
         forward_half_close: true,
-        ..session_opts(&a.session)
+        ..session_opts(&a.session, &drain)
     };
     tokio::select! {
-        r = serve::serve_with(listener, dialer, opts, access) => r.map_err(|e| e.to_string()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        r = serve::serve_with(listener, dialer, opts, access) => return r.map_err(|e| e.to_string()),
+        () = signals.recv() => {}
     }
+    // The listener is closed (dropped with `serve_with`); sessions take no new connections.
+    shutdown::drain(&drain, a.shutdown.grace, &mut signals)
+        .await
+        .into_result(a.shutdown.grace)
 }
 
 /// Entry point of both binaries. Invoked as `kubectl-ringfwd` (a kubectl plugin), help and

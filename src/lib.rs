@@ -14,6 +14,7 @@
 //!   [`plot`] draws a run as SVG.
 //! - [`metrics`]: every exported metric, the per-connection stats the data plane bumps, the
 //!   Prometheus recorder and the `--metrics-addr` endpoint; [`status`] is the live status line.
+//! - [`shutdown`]: SIGINT/SIGTERM: stop accepting, give open connections `--grace`, cut the rest.
 
 pub mod bench;
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod proto;
 pub mod relay;
 pub mod secret;
 pub mod serve;
+pub mod shutdown;
 pub mod status;
 
 use std::time::Duration;

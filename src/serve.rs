@@ -414,10 +414,17 @@ async fn run_session(
         inbound,
     }) = incoming.recv().await
     {
+        if session.draining() {
+            // Shutting down: the connections already open finish, no new ones start.
+            session.fail(conn, "ringfwd serve is shutting down");
+            continue;
+        }
         let session = session.clone();
         let dialer = dialer.clone();
         let stream = metrics().accept(None, port);
+        let open = session.track();
         tokio::spawn(async move {
+            let _open = open;
             match dialer.dial(port).await {
                 Ok(tcp) => {
                     let outcome = relay_server_conn(&session, tcp, conn, inbound, stream).await;

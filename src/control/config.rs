@@ -67,6 +67,7 @@ struct RawDefaults {
     ping_timeout: Option<String>,
     half_close_quiet: Option<String>,
     half_close_hold: Option<String>,
+    max_connections: Option<i64>,
     max_sessions: Option<i64>,
     warm_sessions: Option<i64>,
     connect_timeout: Option<String>,
@@ -94,6 +95,7 @@ struct RawForward {
     ping_timeout: Option<String>,
     half_close_quiet: Option<String>,
     half_close_hold: Option<String>,
+    max_connections: Option<i64>,
     max_sessions: Option<i64>,
     warm_sessions: Option<i64>,
     connect_timeout: Option<String>,
@@ -387,6 +389,7 @@ fn check_defaults(d: &RawDefaults, p: &mut Problems) {
             ping_timeout: d.ping_timeout.as_deref(),
             half_close_quiet: d.half_close_quiet.as_deref(),
             half_close_hold: d.half_close_hold.as_deref(),
+            max_connections: d.max_connections,
             max_sessions: d.max_sessions,
             warm_sessions: d.warm_sessions,
             connect_timeout: d.connect_timeout.as_deref(),
@@ -401,6 +404,7 @@ struct Knobs<'a> {
     ping_timeout: Option<&'a str>,
     half_close_quiet: Option<&'a str>,
     half_close_hold: Option<&'a str>,
+    max_connections: Option<i64>,
     max_sessions: Option<i64>,
     warm_sessions: Option<i64>,
     connect_timeout: Option<&'a str>,
@@ -449,6 +453,13 @@ fn knobs(k: &Knobs, p: &mut Problems) -> Option<(SessionKnobs, PoolOptions)> {
         Some(n) => n as usize,
     };
     let pool = PoolOptions {
+        max_connections: count(
+            k.max_connections,
+            "max_connections",
+            1,
+            defaults.max_connections,
+            p,
+        ),
         max_sessions: count(k.max_sessions, "max_sessions", 1, defaults.max_sessions, p),
         warm_sessions: count(
             k.warm_sessions,
@@ -640,6 +651,7 @@ fn check_forward(
                 .half_close_hold
                 .as_deref()
                 .or(d.half_close_hold.as_deref()),
+            max_connections: f.max_connections.or(d.max_connections),
             max_sessions: f.max_sessions.or(d.max_sessions),
             warm_sessions: f.warm_sessions.or(d.warm_sessions),
             connect_timeout: f
@@ -931,6 +943,7 @@ mod tests {
             address = ["127.0.0.1"]
             max_sessions = 4
             warm_sessions = 0
+            max_connections = 50
 
             [[forward]]
             name = "serve"
@@ -976,6 +989,7 @@ mod tests {
             }]
         );
         assert_eq!(pod.pool.max_sessions, 4);
+        assert_eq!(pod.pool.max_connections, 50);
         assert_eq!(pod.pool.warm_sessions, 0);
         assert_eq!(pod.addresses, ["127.0.0.1"]);
 

@@ -6,24 +6,25 @@
 //! URL from the runtime each. A session that died (or was retired because a failure on it may
 //! have wedged a kubelet-style server) leaves the pool. WebSocket v4 fixes the ports at
 //! upgrade, so every connection gets its own session. A connection that fails is reset and
-//! logged; the forward itself keeps running.
+//! logged; the forward itself keeps running. Past `--max-connections` open connections a new
+//! one is reset as soon as it is accepted (one log line per second at most says why).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Semaphore, watch};
 
 use super::ControlError;
 use super::cluster::Cluster;
 use super::cri::CriClient;
 use super::pool::{Pool, PoolOptions, SessionFactory};
 use super::upgrade::{Protocol, Upgraded, upgrade};
-use crate::metrics::ForwardMetrics;
+use crate::metrics::{ForwardMetrics, Outcome};
 use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
@@ -147,6 +148,40 @@ pub struct Forwarder {
     pool: Option<Pool>,
     sessions_retired: AtomicU64,
     stalls: watch::Receiver<usize>,
+    /// One permit per open connection (`--max-connections`).
+    conn_permits: Arc<Semaphore>,
+    /// Connections refused for want of room: at `--max-connections`, or every session at its
+    /// stream limit.
+    refusals: Refusals,
+}
+
+/// Refusals are logged at most once per [`REFUSAL_LOG_EVERY`]; the line counts those in
+/// between, so a flood of connections cannot flood the log.
+#[derive(Default)]
+struct Refusals {
+    /// When the last line went out, and how many refusals since.
+    state: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+/// See [`Refusals`].
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+impl Refusals {
+    /// Count one refusal; `Some(n)` when a line is due, `n` counting this one and those since
+    /// the last line.
+    fn count(&self, now: Instant) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1 += 1;
+        if st
+            .0
+            .is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY)
+        {
+            return None;
+        }
+        let n = st.1;
+        *st = (Some(now), 0);
+        Some(n)
+    }
 }
 
 impl Connector {
@@ -277,11 +312,14 @@ impl Forwarder {
             }
             None => {}
         }
+        let max_connections = connector.cfg.pool.max_connections;
         Ok(Arc::new(Forwarder {
             connector,
             pool,
             sessions_retired: AtomicU64::new(0),
             stalls,
+            conn_permits: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
+            refusals: Refusals::default(),
         }))
     }
 
@@ -352,14 +390,22 @@ impl Forwarder {
         Ok(out)
     }
 
-    /// Accept on `l` forever, relaying each connection on its own task.
+    /// Accept on `l` until dropped (dropping it closes the port), relaying each connection on
+    /// its own task; past `--max-connections` open ones, a new one is reset at once.
     pub async fn serve_listener(self: Arc<Self>, l: Listener) {
         loop {
             match l.tcp.accept().await {
-                Ok((tcp, peer)) => {
-                    let fwd = self.clone();
-                    tokio::spawn(async move { fwd.handle(tcp, peer, l.remote).await });
-                }
+                Ok((tcp, peer)) => match self.conn_permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let fwd = self.clone();
+                        tokio::spawn(async move {
+                            let outcome = fwd.handle(tcp, peer, l.remote).await;
+                            drop(permit);
+                            outcome
+                        });
+                    }
+                    Err(_) => self.over_limit(tcp, peer, l.remote),
+                },
                 Err(e) => {
                     // Out of file descriptors and the like: transient, keep the forward up.
                     tracing::warn!("accept on {}: {e}", l.local);
@@ -369,20 +415,64 @@ impl Forwarder {
         }
     }
 
+    /// A connection past `--max-connections`: reset it now, count it, and say why (at most
+    /// once per [`REFUSAL_LOG_EVERY`]).
+    fn over_limit(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) {
+        let max = self.connector.cfg.pool.max_connections;
+        let stream = self.connector.cfg.metrics.accept(Some(peer), remote);
+        let _ = tcp.set_zero_linger();
+        drop(tcp);
+        let why = format!("{max} connections open (--max-connections {max})");
+        if let Some(n) = self.refusals.count(Instant::now()) {
+            tracing::warn!(
+                "connection from {peer} to port {remote} reset: {why}{}",
+                also(n)
+            );
+        }
+        stream.finish(Outcome::OverLimit, &why);
+    }
+
     /// Relay one accepted connection; returns how it ended.
     pub async fn handle(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) -> ConnOutcome {
         tracing::debug!("handling connection from {peer} for port {remote}");
+        // Counted from here, so that a shutdown also waits for (and then cuts) connections
+        // still waiting for a session.
+        let drain = self.connector.cfg.session.drain.clone();
+        let _open = drain.as_ref().map(|d| d.track());
+        let cut = async {
+            match &drain {
+                Some(d) => d.cut().await,
+                None => std::future::pending().await,
+            }
+        };
         let stream = self.connector.cfg.metrics.accept(Some(peer), remote);
         let timeout = self.connector.cfg.pool.connect_timeout;
         let (session, outcome) = match &self.pool {
-            Some(pool) => match tokio::time::timeout(timeout, pool.checkout(remote))
-                .await
-                .unwrap_or(Err(ControlError::SetupTimeout(timeout)))
-            {
+            Some(pool) => match tokio::select! {
+                r = tokio::time::timeout(timeout, pool.checkout(remote)) => {
+                    r.unwrap_or(Err(ControlError::SetupTimeout(timeout)))
+                }
+                () = cut => Err(ControlError::ShuttingDown),
+            } {
                 Ok((lease, conn, inbound)) => {
                     let s = lease.session().clone();
                     let outcome = relay_opened_conn(&s, tcp, conn, inbound, lease, stream).await;
                     (s, outcome)
+                }
+                Err(ControlError::ShuttingDown) => {
+                    let _ = tcp.set_zero_linger();
+                    stream.finish(Outcome::Shutdown, &"no session yet at shutdown");
+                    return ConnOutcome::Shutdown;
+                }
+                Err(e @ ControlError::StreamLimit { .. }) => {
+                    let _ = tcp.set_zero_linger();
+                    if let Some(n) = self.refusals.count(Instant::now()) {
+                        tracing::warn!(
+                            "connection from {peer} to port {remote} reset: {e}{}",
+                            also(n)
+                        );
+                    }
+                    return ConnOutcome::SessionLost(e.to_string());
                 }
                 Err(e) => return Self::no_session(tcp, peer, remote, e.to_string()),
             },
@@ -426,6 +516,10 @@ impl Forwarder {
                     self.sessions_retired.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            // Counted in the one line the shutdown ends with.
+            ConnOutcome::Shutdown => {
+                tracing::debug!("connection from {peer} to port {remote} reset: {outcome}")
+            }
             _ => tracing::warn!("connection from {peer} to port {remote} reset: {outcome}"),
         }
         outcome
@@ -440,9 +534,29 @@ impl Forwarder {
     }
 }
 
+/// `" (and N-1 more since the last such line)"` when a rate-limited line stands for `n`.
+fn also(n: u64) -> String {
+    match n {
+        0 | 1 => String::new(),
+        n => format!(" (and {} more since the last such line)", n - 1),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_logged_once_a_second_with_a_count() {
+        let r = Refusals::default();
+        let t0 = Instant::now();
+        assert_eq!(r.count(t0), Some(1));
+        assert_eq!(r.count(t0 + Duration::from_millis(10)), None);
+        assert_eq!(r.count(t0 + Duration::from_millis(20)), None);
+        assert_eq!(r.count(t0 + REFUSAL_LOG_EVERY), Some(3));
+        assert_eq!(also(1), "");
+        assert_eq!(also(3), " (and 2 more since the last such line)");
+    }
 
     /// `{:?}` of a forward's configuration shows neither a token in the URL nor the bearer.
     #[test]

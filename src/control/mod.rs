@@ -73,6 +73,13 @@ pub enum ControlError {
         "no upstream session within {0:?} (--connect-timeout): the runtime or API server did not answer"
     )]
     SetupTimeout(std::time::Duration),
+    #[error(
+        "all {sessions} upstream sessions are at their stream limit (--max-sessions {sessions}): \
+         raise --max-sessions, or lower --max-connections"
+    )]
+    StreamLimit { sessions: usize },
+    #[error("shutting down")]
+    ShuttingDown,
     #[error("{0}")]
     Relay(#[from] crate::relay::RelayError),
     #[error("{0}")]

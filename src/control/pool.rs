@@ -14,8 +14,9 @@
 //!   perf/2026-12-01-isolation.md);
 //! - with none idle and fewer than `max_sessions` sessions, it gets a **new** one;
 //! - at the bound it **shares** the least-used session that is not stalled (and, if all are,
-//!   the least-used one): it never fails for want of a session, but it can then be slowed by
-//!   a neighbour, as every connection is with kubectl;
+//!   the least-used one): it can then be slowed by a neighbour, as every connection is with
+//!   kubectl; only when every session is at its stream limit is it refused (reset, with an
+//!   error naming `--max-sessions`), rather than left waiting;
 //! - a connection gives its session back once its local client has finished sending (the
 //!   relay drops the [`Lease`]); what the server still sends drains on the same session;
 //! - after each checkout the pool sets sessions up in the background until `warm_sessions`
@@ -45,12 +46,18 @@ pub const DEFAULT_WARM_SESSIONS: usize = 2;
 /// Idle sessions beyond the reserve are closed after this long unused.
 pub const IDLE_EXPIRY: Duration = Duration::from_secs(10);
 
+/// Default for [`PoolOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
 /// Default for [`PoolOptions::connect_timeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Limits of one forward's sessions.
+/// Limits of one forward: its sessions, and the connections riding on them.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolOptions {
+    /// Most local connections open at once; one more is accepted and reset at once (the
+    /// forwarder enforces it, WebSocket v4 included).
+    pub max_connections: usize,
     /// Most upstream sessions at once. At the bound connections share sessions.
     pub max_sessions: usize,
     /// Idle sessions kept ready for new connections (0: set one up per connection on demand).
@@ -63,6 +70,7 @@ pub struct PoolOptions {
 impl Default for PoolOptions {
     fn default() -> Self {
         PoolOptions {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             warm_sessions: DEFAULT_WARM_SESSIONS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -101,8 +109,10 @@ pub enum Pick {
     Create,
     /// At the bound: an existing session, shared.
     Share(usize),
-    /// Every session is at its stream limit and no more may be set up: wait for one to free.
+    /// Every session is at its stream limit and a session being set up will take it: wait.
     Wait,
+    /// Every session is at its stream limit and no more may be set up: refuse the connection.
+    Full,
 }
 
 /// The pool's choice for a new connection; see the module docs for the order.
@@ -128,7 +138,8 @@ pub fn pick(slots: &[SlotView], creating: usize, max_sessions: usize) -> Pick {
     };
     match least_used(false).or_else(|| least_used(true)) {
         Some(i) => Pick::Share(i),
-        None => Pick::Wait,
+        None if creating > 0 => Pick::Wait,
+        None => Pick::Full,
     }
 }
 
@@ -361,6 +372,11 @@ impl Pool {
                         }
                     },
                     Pick::Create => st.creating += 1,
+                    Pick::Full => {
+                        return Err(ControlError::StreamLimit {
+                            sessions: st.slots.len(),
+                        });
+                    }
                     Pick::Wait => {}
                 }
                 choice
@@ -378,7 +394,7 @@ impl Pool {
                     return Ok((lease, conn, inbound));
                 }
                 Pick::Wait => changed.await,
-                Pick::Idle(_) | Pick::Share(_) => unreachable!("handled above"),
+                Pick::Idle(_) | Pick::Share(_) | Pick::Full => unreachable!("handled above"),
             }
         }
     }
@@ -494,8 +510,10 @@ mod tests {
         let slots = [slot(0, 0, false, 2048), slot(5, 1, false, 5)];
         assert_eq!(pick(&slots, 0, 2), Pick::Share(1));
         let slots = [slot(0, 0, false, 2048), slot(5, 0, false, 2048)];
-        assert_eq!(pick(&slots, 0, 2), Pick::Wait);
+        assert_eq!(pick(&slots, 0, 2), Pick::Full);
         assert_eq!(pick(&slots, 0, 3), Pick::Create);
+        // One being set up (past the bound only when the bound was lowered) takes it.
+        assert_eq!(pick(&slots, 1, 2), Pick::Wait);
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub(super) struct ForwardInner {
     server: bool,
     bytes: [Counter; 2],
     accepted: Counter,
-    closed: [Counter; 5],
+    closed: [Counter; super::names::OUTCOMES.len()],
     active: Gauge,
     first_byte: Hist,
     stream_bytes: [Hist; 2],

@@ -49,6 +49,10 @@ pub enum Outcome {
     SessionLost = 3,
     /// The local socket failed.
     LocalError = 4,
+    /// Still open when a graceful shutdown ran out of time, reset.
+    Shutdown = 5,
+    /// Reset at once: the forward had `--max-connections` open.
+    OverLimit = 6,
 }
 
 impl Outcome {

@@ -20,12 +20,14 @@ pub const L_ERROR: &str = "error";
 pub const L_VERSION: &str = "version";
 
 /// Values of `outcome` on [`CONNECTIONS_CLOSED`], in [`super::Outcome`] order.
-pub const OUTCOMES: [&str; 5] = [
+pub const OUTCOMES: [&str; 7] = [
     "clean",
     "server_error",
     "reset_by_peer",
     "session_lost",
     "local_error",
+    "shutdown",
+    "over_limit",
 ];
 
 /// Values of `error` on [`SESSIONS_FAILED`]: `setup` (the upgrade failed), `io` (the socket
@@ -120,7 +122,7 @@ pub const ALL: &[Def] = &[
         name: CONNECTIONS_CLOSED,
         kind: Kind::Counter,
         labels: &[L_FORWARD, L_DATA_PLANE, L_OUTCOME],
-        help: "Connections ended, by outcome (clean, server_error, reset_by_peer, session_lost, local_error).",
+        help: "Connections ended, by outcome (clean, server_error, reset_by_peer, session_lost, local_error, shutdown, over_limit).",
     },
     Def {
         name: SESSIONS_OPENED,

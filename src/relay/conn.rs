@@ -4,7 +4,7 @@
 //! (session → socket). End of file on one side becomes a half-close on the other, never a
 //! teardown of both: a client that shuts its write side still receives the whole reply.
 //! Anything that breaks the transfer (an error from the server, a reset, a dead session, a
-//! socket error) ends the local socket with a TCP reset, so a cut-short transfer can never look
+//! socket error, a shutdown whose grace period ran out) ends the local socket with a TCP reset, so a cut-short transfer can never look
 //! like a clean end of file.
 //!
 //! Half-close towards a server that does not pass it on (kubelet/containerd turn a client's
@@ -47,6 +47,8 @@ pub enum ConnOutcome {
     Local(io::Error),
     /// Writing upstream failed.
     Upstream(RelayError),
+    /// Still open when the process's graceful shutdown ran out of time (see [`super::Drain`]).
+    Shutdown,
 }
 
 impl ConnOutcome {
@@ -62,6 +64,7 @@ impl ConnOutcome {
             ConnOutcome::PeerReset => Outcome::ResetByPeer,
             ConnOutcome::SessionLost(_) | ConnOutcome::Upstream(_) => Outcome::SessionLost,
             ConnOutcome::Local(_) => Outcome::LocalError,
+            ConnOutcome::Shutdown => Outcome::Shutdown,
         }
     }
 }
@@ -77,6 +80,7 @@ impl std::fmt::Display for ConnOutcome {
             ConnOutcome::SessionLost(m) => write!(f, "session lost: {m}"),
             ConnOutcome::Local(e) => write!(f, "local socket: {e}"),
             ConnOutcome::Upstream(e) => write!(f, "{e}"),
+            ConnOutcome::Shutdown => write!(f, "still open when the shutdown grace period ended"),
         }
     }
 }
@@ -307,7 +311,9 @@ async fn relay<B: Send>(
                     .unwrap_or_else(|| "closed".into()),
             ))
         };
-        tokio::pin!(up, down);
+        // Resolves only when a graceful shutdown gives up on the connections still open.
+        let cut = session.cut();
+        tokio::pin!(up, down, cut);
         loop {
             tokio::select! {
                 r = &mut up, if !up_done.load(Relaxed) => match r {
@@ -322,6 +328,7 @@ async fn relay<B: Send>(
                 // A dead session drops this connection's queue: `down` still delivers what was
                 // queued before it (the last data, an end of file) and then ends.
                 r = &mut down => break r,
+                () = &mut cut => break Err(ConnOutcome::Shutdown),
             }
         }
     };

@@ -3,7 +3,8 @@
 //! This module owns the sockets and the tasks that drive a sans-IO [`PortForwardProtocol`]
 //! (from [`crate::proto`]): [`session`] runs the upstream connection (one reader, one writer,
 //! one keepalive timer) and [`conn`] relays one forwarded connection in both directions with
-//! half-close, reset and error semantics. It does not know how a session was set up (that is
+//! half-close, reset and error semantics; [`drain`] counts the connections and cuts them at the
+//! end of a graceful shutdown. It does not know how a session was set up (that is
 //! [`crate::control`]) nor what is exported as metrics: each connection bumps the plain atomics
 //! of its [`crate::metrics::StreamStats`], each session reports to its
 //! [`crate::metrics::SessionMetrics`].
@@ -14,6 +15,7 @@
 //! [`PortForwardProtocol`]: crate::proto::PortForwardProtocol
 
 pub mod conn;
+pub mod drain;
 pub mod pipe;
 pub mod session;
 pub mod tunnel;
@@ -21,6 +23,7 @@ pub mod tunnel;
 use std::time::Duration;
 
 pub use conn::{ConnOutcome, relay_opened_conn, relay_server_conn};
+pub use drain::Drain;
 pub use session::{Inbound, Incoming, Session, SessionOptions};
 pub use tunnel::TunnelIo;
 

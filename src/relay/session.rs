@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
+use super::drain::{Drain, Open};
 use super::pipe::{self, Pipe, SpliceIn};
 use super::{CONN_QUEUE_FRAMES, READ_BUF, RelayError, SESSION_WRITE_BUDGET, UpstreamConn};
 use crate::metrics::SessionMetrics;
@@ -55,6 +56,9 @@ pub struct SessionOptions {
     /// (SPDY to a stream server); otherwise, or when off, payload is copied through user
     /// memory. Defaults to whether this kernel (and seccomp profile) allows splice.
     pub splice: bool,
+    /// The process's graceful shutdown: the session's connections are counted in it and
+    /// reset when it cuts them, and the session is closed with a GOAWAY at its end.
+    pub drain: Option<Drain>,
 }
 
 impl Default for SessionOptions {
@@ -68,6 +72,7 @@ impl Default for SessionOptions {
             stalls: None,
             metrics: SessionMetrics::default(),
             splice: super::data_plane() == super::DataPlane::Epoll,
+            drain: None,
         }
     }
 }
@@ -141,6 +146,8 @@ struct Shared {
     max_payload: usize,
     /// Payload moves with splice (see [`SessionOptions::splice`]); fixed when the tasks start.
     splice: AtomicBool,
+    /// The writer has stopped: whatever was queued at the end (a GOAWAY) is with the kernel.
+    written_out: watch::Sender<bool>,
     opts: SessionOptions,
 }
 
@@ -154,6 +161,19 @@ struct TaskEnds {
 #[derive(Clone)]
 pub struct Session {
     shared: Arc<Shared>,
+}
+
+/// A session that does not keep it alive (for [`Drain`]'s list).
+pub(super) struct WeakSession(std::sync::Weak<Shared>);
+
+impl WeakSession {
+    pub(super) fn upgrade(&self) -> Option<Session> {
+        self.0.upgrade().map(|shared| Session { shared })
+    }
+
+    pub(super) fn alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
 }
 
 impl Session {
@@ -211,9 +231,13 @@ impl Session {
             started: Instant::now(),
             max_payload,
             splice: AtomicBool::new(false),
+            written_out: watch::channel(false).0,
             opts,
         });
         shared.opts.metrics.started();
+        if let Some(d) = &shared.opts.drain {
+            d.register(WeakSession(Arc::downgrade(&shared)));
+        }
         let ends = TaskEnds {
             out_rx,
             incoming_tx,
@@ -245,6 +269,7 @@ impl Session {
                     if let Err(e) = s.write_loop(TcpWriter(tcp), out_rx).await {
                         s.die(e);
                     }
+                    s.shared.written_out.send_replace(true);
                 });
                 let s = self.clone();
                 tokio::spawn(async move { s.keepalive().await });
@@ -264,6 +289,7 @@ impl Session {
             if let Err(e) = s.write_loop(StreamWriter(wr), out_rx).await {
                 s.die(e);
             }
+            s.shared.written_out.send_replace(true);
         });
         let s = self.clone();
         tokio::spawn(async move { s.keepalive().await });
@@ -320,6 +346,39 @@ impl Session {
     /// Resolves when the session dies.
     pub fn watch_dead(&self) -> watch::Receiver<Option<Arc<str>>> {
         self.shared.dead.subscribe()
+    }
+
+    /// Resolves once the session's writer has stopped: after [`close`](Self::close), its
+    /// goodbye is out.
+    pub async fn written_out(&self) {
+        let mut rx = self.shared.written_out.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// Count a connection of this session in the process's [`Drain`], if there is one.
+    pub fn track(&self) -> Option<Open> {
+        self.shared.opts.drain.as_ref().map(Drain::track)
+    }
+
+    /// Resolves when the process's shutdown cuts the connections still open (never without a
+    /// [`Drain`]).
+    pub fn cut(&self) -> impl Future<Output = ()> + Send + 'static {
+        let cut = self.shared.opts.drain.as_ref().map(Drain::cut);
+        async move {
+            match cut {
+                Some(cut) => cut.await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// The process is shutting down: take no new connections from upstream.
+    pub fn draining(&self) -> bool {
+        self.shared
+            .opts
+            .drain
+            .as_ref()
+            .is_some_and(Drain::is_draining)
     }
 
     /// Usable for new connections: alive and not retired.
