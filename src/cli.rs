@@ -487,6 +487,7 @@ async fn cluster_forwarder(
         upstream: Upstream::Api {
             cluster,
             pod: resolved.pod.clone(),
+            follow: Some(resolved.follow.clone()),
         },
         protocol,
         fallback_to_spdy,
