@@ -4,8 +4,9 @@
 //! kubeconfig (every auth kind the `kube` crate supports: client certificates, bearer tokens,
 //! token files, exec plugins, OIDC), turning `svc/NAME`, `deploy/NAME`, ... into one pod the way
 //! kubectl picks it, translating named and service ports into container ports, and upgrading
-//! `POST /api/v1/namespaces/NS/pods/NAME/portforward` to a multiplexed byte stream. What runs
-//! on that stream is the relay's business.
+//! `POST /api/v1/namespaces/NS/pods/NAME/portforward` to a multiplexed byte stream, and
+//! watching the target's pods while a forward runs, to follow it to a new pod
+//! ([`Cluster::follow`]). What runs on that stream is the relay's business.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -362,8 +363,9 @@ impl Cluster {
     /// terminating) means waiting; a replacement (`pod/`: the same name Running again; a
     /// workload: a Running, ready pod its selector matches, chosen as kubectl chooses) means
     /// forwarding to it. Watched, not polled: every decision is made on a fresh list, and the
-    /// watch from that list's version says when to look again. Failed API calls are retried
-    /// with a backoff capped at [`super::follow::RELIST_MAX`]. Runs until aborted.
+    /// watch from that list's version says when to look again (this needs `list` and `watch`
+    /// on pods). Failed API calls are retried with the session backoff ([`super::reconnect`]);
+    /// the first of a streak is a warning. Runs until aborted.
     pub async fn follow(self, follow: Follow, cell: TargetCell) {
         let api = Api::<Pod>::namespaced(self.client.clone(), &self.namespace);
         let name_field = format!("metadata.name={}", follow.target.name);
@@ -384,18 +386,26 @@ impl Cluster {
             _ => format!("a ready pod of {}", follow.target),
         };
         let mut failures = 0u32;
-        let backoff = |failures: u32| {
-            super::reconnect::delay(failures, super::reconnect::draw())
-                .min(super::follow::RELIST_MAX)
+        // One failure more: say so (once per streak), then wait before trying again.
+        let failed = |failures: &mut u32, what: &str, e: kube::Error| {
+            *failures = failures.saturating_add(1);
+            let e = self.api_error(e);
+            if *failures == 1 {
+                tracing::warn!(
+                    "cannot follow the pods of {} ({what}): {e}; trying again",
+                    follow.target
+                );
+            } else {
+                tracing::debug!("following the pods of {} ({what}): {e}", follow.target);
+            }
+            tokio::time::sleep(super::reconnect::delay(*failures, super::reconnect::draw()))
         };
         loop {
             let state = cell.current();
             let pods = match api.list(&lp).await {
                 Ok(pods) => pods,
                 Err(e) => {
-                    failures = failures.saturating_add(1);
-                    tracing::debug!("following {}: {}", follow.target, self.api_error(e));
-                    tokio::time::sleep(backoff(failures)).await;
+                    failed(&mut failures, "list", e).await;
                     continue;
                 }
             };
@@ -447,9 +457,7 @@ impl Cluster {
             match changed.await {
                 Ok(()) => failures = 0,
                 Err(e) => {
-                    failures = failures.saturating_add(1);
-                    tracing::debug!("watching pods of {}: {}", follow.target, self.api_error(e));
-                    tokio::time::sleep(backoff(failures)).await;
+                    failed(&mut failures, "watch", e).await;
                 }
             }
         }

@@ -29,8 +29,7 @@ use crate::metrics::{ForwardMetrics, TargetChange};
 
 /// How often a runtime target's sandbox is checked while it is ready.
 pub const SANDBOX_CHECK: Duration = Duration::from_secs(1);
-/// Longest pause between two listings while waiting for a new sandbox (or between two failed
-/// API calls while following a cluster target).
+/// Longest pause between two listings while waiting for a new sandbox.
 pub const RELIST_MAX: Duration = Duration::from_secs(1);
 
 /// The pod (a pod name, or a sandbox id for a runtime target) a forward goes to.
