@@ -308,8 +308,22 @@ impl Connector {
 
     /// A session for every remote port of the forward (multiplexed protocols).
     async fn new_session(self: Arc<Self>) -> Result<Session, ControlError> {
-        let (up, proto, opts, _) = self.prepare_session(&self.remote_ports).await?;
+        let (up, proto, opts, generation) = self.prepare_session(&self.remote_ports).await?;
         let (session, _incoming) = Session::start(up.io, up.prefix, proto, opts);
+        if let Some(cell) = &self.target {
+            // A session set up just before its pod went away may reach the pool after the
+            // forwarder retired the others: it retires itself when the pod changes.
+            let mut state = cell.subscribe();
+            let mut dead = session.watch_dead();
+            let s = session.clone();
+            tokio::spawn(async move {
+                let moved_on = |st: &TargetState| !matches!(st, TargetState::Ready { generation: g, .. } if *g == generation);
+                tokio::select! {
+                    _ = state.wait_for(moved_on) => s.retire(),
+                    _ = dead.wait_for(|d| d.is_some()) => {}
+                }
+            });
+        }
         Ok(session)
     }
 }
