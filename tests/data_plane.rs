@@ -8,10 +8,11 @@
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 
-/// Classic BPF, as seccomp reads it (linux/filter.h, linux/seccomp.h).
-const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
-const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10 | 0x00;
-const BPF_RET_K: u16 = 0x06 | 0x00;
+/// Classic BPF, as seccomp reads it (linux/filter.h, linux/seccomp.h): BPF_LD|BPF_W|BPF_ABS,
+/// BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K.
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_JMP_JEQ_K: u16 = 0x15;
+const BPF_RET_K: u16 = 0x06;
 const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
 const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
 /// Offsets in `struct seccomp_data`.
