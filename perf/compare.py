@@ -75,6 +75,7 @@ KNOBS = [
     "CONTAINERD",
     "RINGFWD_METRICS",
     "DATA_PLANES",
+    "FIXTURE_BIN",
     "RINGFWD_METRICS_ARGS",
     "RINGFWD_SERVE_METRICS_ARGS",
     "ROWS",
@@ -521,7 +522,10 @@ def containerd_wanted():
 def start_pod():
     """The forward test's hold_sandbox trial: a private containerd and a pod sandbox, kept
     until its stdin closes. Our targets run inside the pod's network namespace."""
-    argv = ["cargo", "test", "--release", "--locked", "--test", "forward", "--"]
+    # FIXTURE_BIN: an already built `forward` test binary (target/release/deps/forward-*), to
+    # skip the build.
+    fixture = os.environ.get("FIXTURE_BIN")
+    argv = [fixture] if fixture else ["cargo", "test", "--release", "--locked", "--test", "forward", "--"]
     argv += ["--ignored", "--nocapture", "--exact", "containerd::manual::hold_sandbox"]
     log("containerd: building and starting the fixture (" + " ".join(argv) + ")")
     hold = Proc("containerd fixture", argv, stdin=subprocess.PIPE)
