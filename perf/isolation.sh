@@ -23,8 +23,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo test --release --locked --test forward --no-run 2>/dev/null
-cargo test --release --locked --test forward -- --ignored --nocapture --exact \
+# FIXTURE_BIN: an already built `forward` test binary (target/release/deps/forward-*), to skip
+# the build.
+if [ -n "${FIXTURE_BIN:-}" ]; then
+  fixture=("$FIXTURE_BIN")
+else
+  cargo test --release --locked --test forward --no-run 2>/dev/null
+  fixture=(cargo test --release --locked --test forward --)
+fi
+"${fixture[@]}" --ignored --nocapture --exact \
   containerd::manual::hold_sandbox <"$work/hold.in" >"$work/hold.out" 2>&1 &
 hold_pid=$!
 exec 3>"$work/hold.in"
