@@ -1071,9 +1071,9 @@ async fn recv_into(tcp: &TcpStream, buf: &mut BytesMut, max: usize) -> std::io::
     loop {
         tcp.readable().await?;
         let spare = &mut buf.spare_capacity_mut()[..max];
-        // Safety: `recv` writes at most `spare.len()` bytes into memory we own and do not read
-        // until it says how many it wrote.
         let r = tcp.try_io(Interest::READABLE, || {
+            // Safety: `recv` writes at most `spare.len()` bytes into memory we own and do not
+            // read until it says how many it wrote.
             let n = unsafe {
                 libc::recv(
                     std::os::fd::AsRawFd::as_raw_fd(tcp),
