@@ -654,18 +654,7 @@ impl Session {
         let mut buf = BytesMut::with_capacity(READ_BUF);
         buf.extend_from_slice(&prefix);
         loop {
-            loop {
-                let ev = {
-                    let mut p = self.proto();
-                    let ev = p.handle_input(&mut buf)?;
-                    self.flush(&mut p);
-                    ev
-                };
-                match ev {
-                    Some(ev) => self.dispatch(ev, &incoming).await,
-                    None => break,
-                }
-            }
+            self.handle_buffered(&mut buf, &incoming).await?;
             if buf.capacity() - buf.len() < READ_BUF / 4 {
                 buf.reserve(READ_BUF);
             }
@@ -700,18 +689,7 @@ impl Session {
         let mut buf = BytesMut::with_capacity(4096);
         buf.extend_from_slice(&prefix);
         loop {
-            loop {
-                let ev = {
-                    let mut p = self.proto();
-                    let ev = p.handle_input(&mut buf)?;
-                    self.flush(&mut p);
-                    ev
-                };
-                match ev {
-                    Some(ev) => self.dispatch(ev, &incoming).await,
-                    None => break,
-                }
-            }
+            self.handle_buffered(&mut buf, &incoming).await?;
             let moving = match buf.is_empty() {
                 true => self.proto().payload_in_progress(),
                 false => None,
@@ -781,6 +759,26 @@ impl Session {
                 return Err(RelayError::UpstreamClosed);
             }
             self.touch_rx();
+        }
+    }
+
+    /// Hand every complete event in `buf` to its connection (both readers).
+    async fn handle_buffered(
+        &self,
+        buf: &mut BytesMut,
+        incoming: &mpsc::Sender<Incoming>,
+    ) -> Result<(), RelayError> {
+        loop {
+            let ev = {
+                let mut p = self.proto();
+                let ev = p.handle_input(buf)?;
+                self.flush(&mut p);
+                ev
+            };
+            match ev {
+                Some(ev) => self.dispatch(ev, incoming).await,
+                None => return Ok(()),
+            }
         }
     }
 
