@@ -514,6 +514,7 @@ async fn cluster_forwarder(
         upstream: Upstream::Api {
             cluster,
             pod: resolved.pod.clone(),
+            follow: Some(resolved.follow.clone()),
         },
         protocol,
         fallback_to_spdy,

@@ -7,6 +7,8 @@
 //! tears it down afterwards. Without root or containerd the containerd scenarios are reported
 //! as ignored with a loud SKIPPED line; with `CI` set that is a failure instead.
 
+#[path = "forward/follow.rs"]
+mod follow;
 #[path = "forward/isolation.rs"]
 mod isolation;
 mod support;
@@ -686,6 +688,7 @@ fn main() {
 
     let fixture = match support::containerd::Containerd::start() {
         Ok(c) => {
+            let c = Arc::new(c);
             let sb = c.run_sandbox("ringfwd-forward-test");
             let env = Env {
                 name: "containerd",
@@ -701,6 +704,7 @@ fn main() {
             trials.push(cli_unknown_sandbox(&c));
             trials.push(bench_through_containerd(&c, &sb));
             trials.push(hold_sandbox_for_manual_use(&c, &sb));
+            trials.extend(follow::trials(&c));
             Some((c, sb))
         }
         Err(reason) => {
@@ -726,7 +730,9 @@ fn main() {
     let conclusion = libtest_mimic::run(&args, trials);
     if let Some((c, sb)) = fixture {
         c.remove_sandbox(&sb);
-        drop(c);
+        // The trials (and their clones of the fixture) are gone: this is the last one, and
+        // dropping it stops containerd.
+        drop(Arc::into_inner(c).expect("no trial holds the fixture any more"));
     }
     drop(serve_rt);
     conclusion.exit();

@@ -669,6 +669,69 @@ fn ringfwd_websocket_v4(pod: &Pod) -> Result<(), Failed> {
     )
 }
 
+/// Expect the local side of a connection whose pod went away to see a reset, not a clean end.
+fn expect_reset(s: &mut TcpStream) -> Result<(), Failed> {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Err("connection to a pod that went away ended cleanly".into()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(format!("connection to a pod that went away: {e}").into()),
+        }
+    }
+}
+
+/// ringfwd only (kubectl exits when its pod goes): the pod `target` forwards to is deleted,
+/// and `replacement` (a pod of the same deployment, or the same pod again) is added. The open
+/// connection is reset, one made while there is no pod waits and then works, and the forward
+/// goes on to the new pod; each change is one log line.
+fn pod_replaced(pod: &Pod, target: &str, replacement: &str) -> Result<(), Failed> {
+    let api = pod.api(ApiOptions::default());
+    let rs = api.add_deployment("roll", NAMESPACE, &[("app", "roll")], 1);
+    let def = |name: &str| {
+        PodDef::new(name, pod.backend())
+            .label("app", "roll")
+            .owner(&rs)
+            .port(Some("echo"), pod.echo)
+    };
+    api.add_pod(def("roll-1"));
+    let mut pf = start(Tool::Ringfwd, &api, Auth::Token, &[target, ":echo"])?;
+    let mut open = connect(pf.local)?;
+    open.write_all(b"ping")?;
+    let mut back = [0u8; 4];
+    open.read_exact(&mut back)?;
+    check(&back == b"ping", || "echo before the pod went away".into())?;
+
+    api.remove("pods", NAMESPACE, "roll-1");
+    expect_reset(&mut open)?;
+    // ringfwd has seen the pod go (it reset the connection): this one arrives in the gap.
+    let local = pf.local;
+    let gap = std::thread::spawn(move || echo_roundtrip(local, 64 << 10));
+    api.add_pod(def(replacement));
+    gap.join()
+        .unwrap()
+        .map_err(|e| format!("connection made while there was no pod: {e}"))?;
+    pf.assert_echo(1 << 20);
+    let last = api.portforward_log().last().map(|r| r.pod.clone());
+    check(last.as_deref() == Some(replacement), || {
+        format!("last port-forward went to {last:?}, want {replacement}")
+    })?;
+    let log = pf.stderr();
+    let waiting = match target {
+        "deploy/roll" => "pod roll-1 is gone; waiting for a ready pod of deploy/roll".to_string(),
+        _ => "pod roll-1 is gone; waiting for pod roll-1 to be Running again".to_string(),
+    };
+    for line in [
+        waiting,
+        format!("now forwarding to pod {replacement} (was roll-1)"),
+    ] {
+        check(log.contains(&line), || format!("no {line:?} in {log:?}"))?;
+    }
+    pf.stop();
+    Ok(())
+}
+
 fn one_line(err: &str) -> Result<(), Failed> {
     let lines: Vec<&str> = err.trim().lines().collect();
     check(lines.len() == 1 && lines[0].starts_with("error: "), || {
@@ -705,6 +768,27 @@ fn trials(pod: Option<Arc<Pod>>) -> Vec<Trial> {
             });
             out.push(t.with_ignored_flag(pod_missing(&pod)));
         }
+    }
+    for (name, target, replacement) in [
+        (
+            "ringfwd::deploy::pod_replaced_follows",
+            "deploy/roll",
+            "roll-2",
+        ),
+        (
+            "ringfwd::pod::pod_recreated_follows",
+            "pod/roll-1",
+            "roll-1",
+        ),
+    ] {
+        let p = pod.clone();
+        out.push(
+            Trial::test(name, move || match p {
+                Some(p) => pod_replaced(&p, target, replacement),
+                None => Ok(()),
+            })
+            .with_ignored_flag(pod_missing(&pod)),
+        );
     }
     let p = pod.clone();
     out.push(

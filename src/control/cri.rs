@@ -288,6 +288,9 @@ pub enum SandboxState {
 pub struct SandboxStatus {
     pub id: String,
     pub state: SandboxState,
+    /// The pod's name and namespace from the sandbox metadata (empty if the runtime sent none).
+    pub name: String,
+    pub namespace: String,
     /// Pod IP, if the runtime set up networking.
     pub ip: Option<String>,
     /// Path of the sandbox's network namespace (containerd: `/var/run/netns/cni-...`), from
@@ -414,7 +417,10 @@ impl CriClient {
             });
         };
         let info = resp.info.get("info").map(String::as_str).unwrap_or("");
+        let meta = status.metadata.unwrap_or_default();
         Ok(SandboxStatus {
+            name: meta.name,
+            namespace: meta.namespace,
             state: if status.state == proto::PodSandboxState::SandboxReady as i32 {
                 SandboxState::Ready
             } else {
@@ -424,6 +430,22 @@ impl CriClient {
             netns: netns_from_info(info),
             pid: pid_from_info(info),
             id: status.id,
+        })
+    }
+
+    /// Whether a sandbox is ready, without the verbose info (cheap enough to ask every second).
+    pub async fn pod_sandbox_state(&mut self, id: &str) -> Result<SandboxState, CriError> {
+        let req = proto::PodSandboxStatusRequest {
+            pod_sandbox_id: id.to_owned(),
+            verbose: false,
+        };
+        let resp: proto::PodSandboxStatusResponse =
+            self.call_for_sandbox(&POD_SANDBOX_STATUS, id, req).await?;
+        Ok(match resp.status {
+            Some(s) if s.state == proto::PodSandboxState::SandboxReady as i32 => {
+                SandboxState::Ready
+            }
+            _ => SandboxState::NotReady,
         })
     }
 
@@ -453,6 +475,23 @@ impl CriClient {
         let req = proto::ListPodSandboxRequest {
             filter: Some(proto::PodSandboxFilter {
                 label_selector: labels,
+                ..Default::default()
+            }),
+        };
+        let resp: proto::ListPodSandboxResponse = self
+            .call(&LIST_POD_SANDBOX, req)
+            .await
+            .map_err(|status| rpc_error(&LIST_POD_SANDBOX, status))?;
+        Ok(resp.items)
+    }
+
+    /// The sandboxes in state `SANDBOX_READY` (the runtime filters).
+    pub async fn ready_pod_sandboxes(&mut self) -> Result<Vec<PodSandbox>, CriError> {
+        let req = proto::ListPodSandboxRequest {
+            filter: Some(proto::PodSandboxFilter {
+                state: Some(proto::PodSandboxStateValue {
+                    state: proto::PodSandboxState::SandboxReady as i32,
+                }),
                 ..Default::default()
             }),
         };

@@ -8,7 +8,13 @@
 //! upgrade, so every connection gets its own session. A connection that fails is reset and
 //! logged; the forward itself keeps running. Past `--max-connections` open connections a new
 //! one is reset as soon as it is accepted (one log line per second at most says why).
+//!
+//! A runtime or cluster target follows its pod ([`super::follow`]): while the pod is gone, new
+//! connections wait for its replacement (within `--connect-timeout`), and when it goes, every
+//! open connection is reset (never ended cleanly: what it carried may be cut short) and the
+//! sessions to it are retired.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -20,14 +26,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Semaphore, watch};
 
 use super::ControlError;
-use super::cluster::Cluster;
+use super::cluster::{Cluster, Follow};
 use super::cri::CriClient;
+use super::follow::{TargetCell, TargetState};
 use super::pool::{Pool, PoolOptions, SessionFactory};
 use super::upgrade::{Protocol, Upgraded, upgrade};
 use crate::metrics::{ForwardMetrics, Outcome};
-use crate::proto::PortForwardProtocol;
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
+use crate::proto::{ConnId, PortForwardProtocol};
 use crate::relay::{ConnOutcome, Session, SessionOptions, relay_opened_conn};
 use crate::secret::{Secret, SecretUrl, redact_url};
 
@@ -39,8 +46,13 @@ pub enum Upstream {
     /// A fixed stream-server URL (`ringfwd serve`, or a URL a runtime already handed out). It
     /// may hold a token in its path: `Debug` shows it redacted, and so must anything else.
     Url(String),
-    /// A pod's `portforward` subresource on the API server.
-    Api { cluster: Cluster, pod: String },
+    /// A pod's `portforward` subresource on the API server. With `follow`, a pod that goes
+    /// away is replaced as [`Cluster::follow`] says; without, the forward stays with `pod`.
+    Api {
+        cluster: Cluster,
+        pod: String,
+        follow: Option<Follow>,
+    },
 }
 
 impl fmt::Debug for Upstream {
@@ -52,10 +64,15 @@ impl fmt::Debug for Upstream {
                 .field("sandbox", sandbox)
                 .finish(),
             Upstream::Url(url) => f.debug_tuple("Url").field(&redact_url(url)).finish(),
-            Upstream::Api { cluster, pod } => f
+            Upstream::Api {
+                cluster,
+                pod,
+                follow,
+            } => f
                 .debug_struct("Api")
                 .field("cluster", cluster)
                 .field("pod", pod)
+                .field("follow", follow)
                 .finish(),
         }
     }
@@ -140,6 +157,8 @@ struct Connector {
     /// The protocol in use: the configured one, or SPDY after a fallback.
     protocol: std::sync::Mutex<Protocol>,
     sessions_started: AtomicU64,
+    /// The pod (sandbox) sessions go to now, for a target that follows its pod.
+    target: Option<TargetCell>,
 }
 
 pub struct Forwarder {
@@ -153,6 +172,28 @@ pub struct Forwarder {
     /// Connections refused for want of room: at `--max-connections`, or every session at its
     /// stream limit.
     refusals: Refusals,
+    /// Connections being relayed, so that they can be reset when their pod goes away.
+    open: std::sync::Mutex<HashMap<u64, (Session, ConnId)>>,
+    next_open: AtomicU64,
+    /// The follower and the task that reacts to a lost pod; aborted with the forwarder.
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A connection in [`Forwarder::open`] for as long as it is relayed.
+struct OpenGuard<'a>(&'a Forwarder, u64);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open_conns().remove(&self.1);
+    }
 }
 
 /// Refusals are logged at most once per [`REFUSAL_LOG_EVERY`]; the line counts those in
@@ -189,32 +230,51 @@ impl Connector {
         *self.protocol.lock().expect("protocol lock")
     }
 
+    /// `pod`: the pod (sandbox id) to go to, for an API or runtime target.
     async fn upgrade_with(
         &self,
         protocol: Protocol,
         ports: &[u16],
+        pod: &str,
     ) -> Result<Upgraded, ControlError> {
         match &self.cfg.upstream {
-            Upstream::Api { cluster, pod } => cluster.upgrade(pod, protocol, ports).await,
+            Upstream::Api { cluster, .. } => cluster.upgrade(pod, protocol, ports).await,
             Upstream::Url(_) => {
-                let url = self.url(ports).await?;
+                let url = self.url(ports, pod).await?;
                 upgrade(&url, protocol, ports, self.cfg.bearer.as_ref()).await
             }
             // The runtime's URL is the credential; a bearer meant for a serve stays here.
-            Upstream::Cri { .. } => upgrade(&self.url(ports).await?, protocol, ports, None).await,
+            Upstream::Cri { .. } => {
+                upgrade(&self.url(ports, pod).await?, protocol, ports, None).await
+            }
+        }
+    }
+
+    /// The pod (sandbox) to set a session up to and its generation: the current one (waiting
+    /// while there is none), or the configured one for a target that does not follow.
+    async fn target(&self) -> (String, u64) {
+        match (&self.target, &self.cfg.upstream) {
+            (Some(cell), _) => cell.ready().await,
+            (None, Upstream::Cri { sandbox, .. }) => (sandbox.clone(), 0),
+            (None, Upstream::Api { pod, .. }) => (pod.clone(), 0),
+            (None, Upstream::Url(_)) => (String::new(), 0),
         }
     }
 
     /// Upgrade a new connection, falling back from the tunnel to SPDY/3.1 when configured to
     /// and the server answers the tunnel with anything but `101`.
-    async fn upgrade(&self, ports: &[u16]) -> Result<(Upgraded, Protocol), ControlError> {
+    async fn upgrade(
+        &self,
+        ports: &[u16],
+        pod: &str,
+    ) -> Result<(Upgraded, Protocol), ControlError> {
         let protocol = self.protocol();
-        match self.upgrade_with(protocol, ports).await {
+        match self.upgrade_with(protocol, ports, pod).await {
             Err(e @ (ControlError::ApiRejected { .. } | ControlError::Rejected { .. }))
                 if protocol == Protocol::Tunnel && self.cfg.fallback_to_spdy =>
             {
                 tracing::debug!("{e}; falling back to SPDY/3.1");
-                let up = self.upgrade_with(Protocol::Spdy, ports).await?;
+                let up = self.upgrade_with(Protocol::Spdy, ports, pod).await?;
                 *self.protocol.lock().expect("protocol lock") = Protocol::Spdy;
                 Ok((up, Protocol::Spdy))
             }
@@ -222,10 +282,10 @@ impl Connector {
         }
     }
 
-    async fn url(&self, ports: &[u16]) -> Result<SecretUrl, ControlError> {
+    async fn url(&self, ports: &[u16], sandbox: &str) -> Result<SecretUrl, ControlError> {
         match &self.cfg.upstream {
             Upstream::Url(u) => Ok(SecretUrl::new(u.clone())),
-            Upstream::Cri { sandbox, .. } => {
+            Upstream::Cri { .. } => {
                 let cri = self.cri.as_ref().expect("CRI upstream has a client");
                 Ok(cri.lock().await.port_forward(sandbox, ports).await?)
             }
@@ -237,13 +297,28 @@ impl Connector {
     async fn prepare_session(
         &self,
         ports: &[u16],
-    ) -> Result<(Upgraded, Box<dyn PortForwardProtocol>, SessionOptions), ControlError> {
-        let setup = Instant::now();
-        let (up, protocol) = self.upgrade(ports).await.inspect_err(|_| {
-            self.cfg
-                .metrics
-                .session_setup_failed(self.protocol().label())
-        })?;
+    ) -> Result<(Upgraded, Box<dyn PortForwardProtocol>, SessionOptions, u64), ControlError> {
+        let (up, protocol, setup, generation) = loop {
+            let (pod, generation) = self.target().await;
+            let setup = Instant::now();
+            let (up, protocol) = self.upgrade(ports, &pod).await.inspect_err(|_| {
+                self.cfg
+                    .metrics
+                    .session_setup_failed(self.protocol().label());
+                // A sandbox or pod that vanished fails setups first: have it checked now.
+                if let Some(cell) = &self.target {
+                    cell.suspect();
+                }
+            })?;
+            match &self.target {
+                // The pod went away (or was replaced) while this was set up: not to it.
+                Some(cell) if !cell.is_current(generation) => {
+                    tracing::debug!("session set up to a pod that went away meanwhile; again");
+                    continue;
+                }
+                _ => break (up, protocol, setup, generation),
+            }
+        };
         let proto: Box<dyn PortForwardProtocol> = match protocol {
             Protocol::Spdy | Protocol::Tunnel if up.half_close => {
                 Box::new(SpdyPortForward::client().with_immediate_eof())
@@ -263,13 +338,27 @@ impl Connector {
             .session_set_up(protocol.label(), setup.elapsed());
         self.sessions_started.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("new {} session", protocol.name());
-        Ok((up, proto, opts))
+        Ok((up, proto, opts, generation))
     }
 
     /// A session for every remote port of the forward (multiplexed protocols).
     async fn new_session(self: Arc<Self>) -> Result<Session, ControlError> {
-        let (up, proto, opts) = self.prepare_session(&self.remote_ports).await?;
+        let (up, proto, opts, generation) = self.prepare_session(&self.remote_ports).await?;
         let (session, _incoming) = Session::start(up.io, up.prefix, proto, opts);
+        if let Some(cell) = &self.target {
+            // A session set up just before its pod went away may reach the pool after the
+            // forwarder retired the others: it retires itself when the pod changes.
+            let mut state = cell.subscribe();
+            let mut dead = session.watch_dead();
+            let s = session.clone();
+            tokio::spawn(async move {
+                let moved_on = |st: &TargetState| !matches!(st, TargetState::Ready { generation: g, .. } if *g == generation);
+                tokio::select! {
+                    _ = state.wait_for(moved_on) => s.retire(),
+                    _ = dead.wait_for(|d| d.is_some()) => {}
+                }
+            });
+        }
         Ok(session)
     }
 }
@@ -281,9 +370,36 @@ impl Forwarder {
         mut cfg: ForwardConfig,
         specs: &[PortSpec],
     ) -> Result<Arc<Self>, ControlError> {
-        let cri = match &cfg.upstream {
-            Upstream::Cri { endpoint, .. } => Some(Mutex::new(CriClient::connect(endpoint).await?)),
-            Upstream::Url(_) | Upstream::Api { .. } => None,
+        // What follows the pod, started once the first session works.
+        let mut follower: Option<futures_util::future::BoxFuture<'static, ()>> = None;
+        let (cri, target) = match &cfg.upstream {
+            Upstream::Cri { endpoint, sandbox } => {
+                let mut cri = CriClient::connect(endpoint).await?;
+                // The pod it belongs to, to find its sandbox again when this one goes.
+                let status = cri.pod_sandbox_status(sandbox).await?;
+                let cell = TargetCell::new(&status.id, cfg.metrics.clone());
+                if !status.name.is_empty() {
+                    follower = Some(Box::pin(super::follow::follow_sandbox(
+                        cri.clone(),
+                        cell.clone(),
+                        status.name,
+                        status.namespace,
+                    )));
+                }
+                (Some(Mutex::new(cri)), Some(cell))
+            }
+            Upstream::Api {
+                cluster,
+                pod,
+                follow: Some(follow),
+            } => {
+                let cell = TargetCell::new(pod, cfg.metrics.clone());
+                follower = Some(Box::pin(
+                    cluster.clone().follow(follow.clone(), cell.clone()),
+                ));
+                (None, Some(cell))
+            }
+            Upstream::Url(_) | Upstream::Api { .. } => (None, None),
         };
         let mut remote_ports: Vec<u16> = specs.iter().map(|s| s.remote).collect();
         remote_ports.sort_unstable();
@@ -296,6 +412,7 @@ impl Forwarder {
             cri,
             remote_ports,
             sessions_started: AtomicU64::new(0),
+            target,
         });
         let pool = connector.protocol().multiplexed().then(|| {
             let c = connector.clone();
@@ -308,19 +425,84 @@ impl Forwarder {
             // target: only check that the runtime answers. (The API server was asked for the
             // pod when the target was resolved.)
             None if !matches!(connector.cfg.upstream, Upstream::Api { .. }) => {
-                connector.url(&connector.remote_ports).await?;
+                let (sandbox, _) = connector.target().await;
+                connector.url(&connector.remote_ports, &sandbox).await?;
             }
             None => {}
         }
         let max_connections = connector.cfg.pool.max_connections;
-        Ok(Arc::new(Forwarder {
-            connector,
-            pool,
-            sessions_retired: AtomicU64::new(0),
-            stalls,
-            conn_permits: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
-            refusals: Refusals::default(),
+        let mut tasks = Vec::new();
+        if let Some(f) = follower {
+            tasks.push(tokio::spawn(f).abort_handle());
+        }
+        Ok(Arc::new_cyclic(|me: &std::sync::Weak<Forwarder>| {
+            if let Some(cell) = &connector.target {
+                tasks.push(
+                    tokio::spawn(Self::on_target_lost(me.clone(), cell.subscribe())).abort_handle(),
+                );
+            }
+            Forwarder {
+                connector,
+                pool,
+                sessions_retired: AtomicU64::new(0),
+                stalls,
+                open: Default::default(),
+                next_open: AtomicU64::new(1),
+                conn_permits: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
+                refusals: Refusals::default(),
+                tasks,
+            }
         }))
+    }
+
+    /// Each time the pod goes away: reset every open connection (what it carried may be cut
+    /// short, so its client must not see a clean end) and retire every session to it.
+    async fn on_target_lost(
+        me: std::sync::Weak<Forwarder>,
+        mut state: watch::Receiver<TargetState>,
+    ) {
+        loop {
+            if state
+                .wait_for(|s| matches!(s, TargetState::Waiting { .. }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let Some(fwd) = me.upgrade() else { return };
+            let open: Vec<(Session, ConnId)> = fwd.open_conns().values().cloned().collect();
+            if !open.is_empty() {
+                tracing::warn!(
+                    forward = fwd.connector.cfg.metrics.name(),
+                    "resetting {} open connection(s): their pod went away",
+                    open.len()
+                );
+            }
+            for (session, conn) in open {
+                session.reset(conn);
+            }
+            for session in fwd.sessions() {
+                session.retire();
+            }
+            drop(fwd);
+            if state
+                .wait_for(|s| matches!(s, TargetState::Ready { .. }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    fn open_conns(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Session, ConnId)>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the forward goes now: the pod (sandbox id) and whether it waits for a new one.
+    /// `None` for a target that does not follow its pod (a URL).
+    pub fn target(&self) -> Option<watch::Receiver<TargetState>> {
+        self.connector.target.as_ref().map(TargetCell::subscribe)
     }
 
     /// The protocol sessions are opened with.
@@ -447,15 +629,19 @@ impl Forwarder {
         };
         let stream = self.connector.cfg.metrics.accept(Some(peer), remote);
         let timeout = self.connector.cfg.pool.connect_timeout;
+        // While the pod is gone, a new connection waits here for the next one (and its
+        // session), all within `--connect-timeout`.
         let (session, outcome) = match &self.pool {
             Some(pool) => match tokio::select! {
-                r = tokio::time::timeout(timeout, pool.checkout(remote)) => {
-                    r.unwrap_or(Err(ControlError::SetupTimeout(timeout)))
-                }
+                r = tokio::time::timeout(timeout, async {
+                    let generation = self.ready_generation().await;
+                    pool.checkout(remote).await.map(|c| (c, generation))
+                }) => r.unwrap_or(Err(ControlError::SetupTimeout(timeout))),
                 () = cut => Err(ControlError::ShuttingDown),
             } {
-                Ok((lease, conn, inbound)) => {
+                Ok(((lease, conn, inbound), generation)) => {
                     let s = lease.session().clone();
+                    let _open = self.track(&s, conn, generation);
                     let outcome = relay_opened_conn(&s, tcp, conn, inbound, lease, stream).await;
                     (s, outcome)
                 }
@@ -474,7 +660,7 @@ impl Forwarder {
                     }
                     return ConnOutcome::SessionLost(e.to_string());
                 }
-                Err(e) => return Self::no_session(tcp, peer, remote, e.to_string()),
+                Err(e) => return self.no_session(tcp, peer, remote, e.to_string()),
             },
             None => {
                 // One session per connection, the connection open before the server can
@@ -484,19 +670,22 @@ impl Forwarder {
                         .await
                         .unwrap_or(Err(ControlError::SetupTimeout(timeout)));
                 let started = match prepared {
-                    Ok((up, proto, opts)) => {
+                    Ok((up, proto, opts, generation)) => {
                         Session::start_with_conn(up.io, up.prefix, proto, opts, remote)
+                            .map(|s| (s, generation))
                             .map_err(|e| e.to_string())
                     }
                     Err(e) => Err(e.to_string()),
                 };
                 match started {
-                    Ok((s, conn, inbound)) => {
+                    Ok(((s, conn, inbound), generation)) => {
+                        let open = self.track(&s, conn, generation);
                         let outcome = relay_opened_conn(&s, tcp, conn, inbound, (), stream).await;
+                        drop(open);
                         s.close();
                         (s, outcome)
                     }
-                    Err(e) => return Self::no_session(tcp, peer, remote, e),
+                    Err(e) => return self.no_session(tcp, peer, remote, e),
                 }
             }
         };
@@ -522,10 +711,42 @@ impl Forwarder {
             }
             _ => tracing::warn!("connection from {peer} to port {remote} reset: {outcome}"),
         }
+        if matches!(
+            outcome,
+            ConnOutcome::RemoteError { .. } | ConnOutcome::SessionLost(_)
+        ) && let Some(cell) = &self.connector.target
+        {
+            // A pod that went away fails connections first: have it checked now.
+            cell.suspect();
+        }
         outcome
     }
 
-    fn no_session(tcp: TcpStream, peer: SocketAddr, remote: u16, e: String) -> ConnOutcome {
+    /// Wait for a pod to go to (a target that follows its pod); its generation.
+    async fn ready_generation(&self) -> u64 {
+        match &self.connector.target {
+            Some(cell) => cell.ready().await.1,
+            None => 0,
+        }
+    }
+
+    /// Count `conn` among the open connections while the guard lives, so that it is reset
+    /// when its pod goes away; if that happened since `generation`, reset it now.
+    fn track(&self, session: &Session, conn: ConnId, generation: u64) -> OpenGuard<'_> {
+        let id = self.next_open.fetch_add(1, Ordering::Relaxed);
+        self.open_conns().insert(id, (session.clone(), conn));
+        if let Some(cell) = &self.connector.target
+            && !cell.is_current(generation)
+        {
+            session.reset(conn);
+        }
+        OpenGuard(self, id)
+    }
+
+    fn no_session(&self, tcp: TcpStream, peer: SocketAddr, remote: u16, e: String) -> ConnOutcome {
+        if let Some(cell) = &self.connector.target {
+            cell.suspect();
+        }
         tracing::error!(
             "connection from {peer} to port {remote}: cannot open upstream session: {e}"
         );

@@ -1,13 +1,15 @@
 //! Control plane: everything that happens before bytes flow and when a session must be replaced.
 //!
 //! Owns cluster access through the API server ([`cluster`]), the CRI client ([`cri`]), the HTTP upgrade to SPDY/3.1 or WebSocket ([`upgrade`]) and
-//! the forwarder ([`forward`]): local listeners, and the session pool ([`pool`]): which session a
+//! the forwarder ([`forward`]): local listeners, following the pod when it goes away
+//! ([`follow`]), and the session pool ([`pool`]): which session a
 //! new connection goes to, and when to set one up; and the `ringfwd up` file ([`config`]): its
 //! schema, parsing and validation. It never copies payload bytes: that is [`crate::relay`].
 
 pub mod cluster;
 pub mod config;
 pub mod cri;
+pub mod follow;
 pub mod forward;
 pub mod pool;
 pub mod reconnect;

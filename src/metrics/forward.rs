@@ -17,7 +17,7 @@ use metrics::{Counter, Gauge, counter, gauge, histogram};
 use super::histogram::LocalHistogram;
 use super::names::*;
 use super::stream::{Stream, StreamStats};
-use super::{Outcome, data_plane};
+use super::{Outcome, TargetChange, data_plane};
 
 const UP: usize = 0;
 const DOWN: usize = 1;
@@ -69,6 +69,7 @@ pub(super) struct ForwardInner {
     accepted: Counter,
     closed: [Counter; super::names::OUTCOMES.len()],
     active: Gauge,
+    target_changes: [Counter; 3],
     first_byte: Hist,
     stream_bytes: [Hist; 2],
     duration: Hist,
@@ -227,11 +228,18 @@ impl ForwardMetrics {
             counter!(CONNECTIONS_CLOSED, L_FORWARD => name.to_string(), L_DATA_PLANE => DATA_PLANE, L_OUTCOME => o)
         });
         let accepted = counter!(CONNECTIONS_ACCEPTED, L_FORWARD => name.to_string(), L_DATA_PLANE => DATA_PLANE);
+        let target_changes = TARGET_REASONS
+            .map(|r| counter!(TARGET_CHANGES, L_FORWARD => name.to_string(), L_REASON => r));
         let active =
             gauge!(CONNECTIONS_ACTIVE, L_FORWARD => name.to_string(), L_DATA_PLANE => DATA_PLANE);
         // Export every series from the start, at zero: rates and alerts see a forward that has
         // carried nothing yet, instead of no forward.
-        for c in bytes.iter().chain(&closed).chain([&accepted]) {
+        for c in bytes
+            .iter()
+            .chain(&closed)
+            .chain(&target_changes)
+            .chain([&accepted])
+        {
             c.increment(0);
         }
         active.set(0.0);
@@ -242,6 +250,7 @@ impl ForwardMetrics {
             accepted,
             closed,
             active,
+            target_changes,
             first_byte: Hist::new(FIRST_BYTE, LATENCY_BUCKETS, vec![f(), dp()]),
             stream_bytes: [UP, DOWN]
                 .map(|d| Hist::new(STREAM_BYTES, SIZE_BUCKETS, vec![f(), dir(d)])),
@@ -297,6 +306,11 @@ impl ForwardMetrics {
     /// Setting a session up failed (connect, upgrade, runtime).
     pub fn session_setup_failed(&self, protocol: &'static str) {
         self.session(protocol).0.failed[0].increment(1);
+    }
+
+    /// The forward lost its pod, or goes to a new one.
+    pub fn target_change(&self, change: TargetChange) {
+        self.0.target_changes[change as usize].increment(1);
     }
 
     /// In-process copy of the time-to-first-byte histogram.

@@ -61,6 +61,24 @@ impl Outcome {
     }
 }
 
+/// A change of the pod a forward goes to, as counted (the `reason` label of
+/// `ringfwd_target_changes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetChange {
+    /// The pod (or sandbox) was deleted.
+    Gone = 0,
+    /// It still exists but stopped running, is terminating, or its sandbox is not ready.
+    NotReady = 1,
+    /// The forward goes to a new pod (or sandbox) now.
+    Replaced = 2,
+}
+
+impl TargetChange {
+    pub fn label(self) -> &'static str {
+        names::TARGET_REASONS[self as usize]
+    }
+}
+
 /// Errors of the observability layer.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {

@@ -8,7 +8,8 @@
 //! Labels are bounded: `forward` (one per forward a process runs: its name or target),
 //! `direction` (`up`: from the local client towards the pod; `down`: towards the local client),
 //! `protocol` (`spdy`, `websocket`, `tunnel`), `data_plane` (`epoll`, `copy`), `outcome` and `error`
-//! (the fixed sets [`OUTCOMES`] and [`SESSION_ERRORS`]). Never a per-connection label.
+//! and `reason` (the fixed sets [`OUTCOMES`], [`SESSION_ERRORS`] and [`TARGET_REASONS`]). Never a
+//! per-connection label.
 
 /// Label keys.
 pub const L_FORWARD: &str = "forward";
@@ -18,6 +19,7 @@ pub const L_DATA_PLANE: &str = "data_plane";
 pub const L_OUTCOME: &str = "outcome";
 pub const L_ERROR: &str = "error";
 pub const L_VERSION: &str = "version";
+pub const L_REASON: &str = "reason";
 
 /// Values of `outcome` on [`CONNECTIONS_CLOSED`], in [`super::Outcome`] order.
 pub const OUTCOMES: [&str; 7] = [
@@ -35,6 +37,11 @@ pub const OUTCOMES: [&str; 7] = [
 /// `eof` (the peer closed the connection without a goodbye).
 pub const SESSION_ERRORS: [&str; 5] = ["setup", "io", "protocol", "unresponsive", "eof"];
 
+/// Values of `reason` on [`TARGET_CHANGES`], in [`super::TargetChange`] order: the forward lost
+/// its pod because it is `gone` (deleted, sandbox removed) or `not_ready` (stopped running,
+/// terminating, sandbox not ready); `replaced`: it forwards to a new pod now.
+pub const TARGET_REASONS: [&str; 3] = ["gone", "not_ready", "replaced"];
+
 // Counters.
 pub const BYTES: &str = "ringfwd_bytes_total";
 pub const CONNECTIONS_ACCEPTED: &str = "ringfwd_connections_accepted_total";
@@ -42,6 +49,7 @@ pub const CONNECTIONS_CLOSED: &str = "ringfwd_connections_closed_total";
 pub const SESSIONS_OPENED: &str = "ringfwd_sessions_opened_total";
 pub const SESSIONS_FAILED: &str = "ringfwd_sessions_failed_total";
 pub const RECONNECTS: &str = "ringfwd_reconnects_total";
+pub const TARGET_CHANGES: &str = "ringfwd_target_changes_total";
 // Gauges.
 pub const CONNECTIONS_ACTIVE: &str = "ringfwd_connections_active";
 pub const SESSIONS_ACTIVE: &str = "ringfwd_sessions_active";
@@ -141,6 +149,12 @@ pub const ALL: &[Def] = &[
         kind: Kind::Counter,
         labels: FWD_PROTO,
         help: "Sessions opened to replace one that died.",
+    },
+    Def {
+        name: TARGET_CHANGES,
+        kind: Kind::Counter,
+        labels: &[L_FORWARD, L_REASON],
+        help: "Changes of the pod a forward goes to: lost (gone, not_ready) or replaced by a new one.",
     },
     Def {
         name: CONNECTIONS_ACTIVE,

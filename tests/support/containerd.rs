@@ -366,6 +366,14 @@ pub fn listen_in_netns(netns: &Path) -> TcpListener {
     })
 }
 
+/// A TCP listener on `127.0.0.1:PORT` inside `netns`: the same target port in a pod's new
+/// sandbox (a pod that restarted listens where it listened before).
+pub fn listen_in_netns_on(netns: &Path, port: u16) -> TcpListener {
+    in_netns(netns, || TcpListener::bind(("127.0.0.1", port))).unwrap_or_else(|e| {
+        panic!("bind 127.0.0.1:{port} in {}: {e}", netns.display());
+    })
+}
+
 /// Owns the containerd child. The child gets SIGKILL if this thread ends (PDEATHSIG), so the
 /// thread lives exactly as long as the fixture and ends by stopping containerd.
 struct Keeper {
