@@ -971,9 +971,18 @@ struct Store {
     objects: BTreeMap<Key, Value>,
     backends: HashMap<(String, String), Backend>,
     events: broadcast::Sender<WatchEvent>,
+    /// The latest events (at most [`HISTORY`]), for watches that start from an older
+    /// resourceVersion: a real API server replays them from its watch cache, deletions
+    /// included, so a client that lists and then watches misses nothing in between.
+    history: std::collections::VecDeque<(u64, WatchEvent)>,
+    /// The resourceVersion just before the oldest event in `history`.
+    history_from: u64,
     next_pod_ip: u32,
     next_service_ip: u32,
 }
+
+/// Events a [`Store`] keeps for replay.
+const HISTORY: usize = 4096;
 
 impl Store {
     fn new() -> Store {
@@ -982,6 +991,8 @@ impl Store {
             objects: BTreeMap::new(),
             backends: HashMap::new(),
             events: broadcast::channel(1024).0,
+            history: std::collections::VecDeque::new(),
+            history_from: 100,
             next_pod_ip: 10,
             next_service_ip: 10,
         }
@@ -1071,13 +1082,24 @@ impl Store {
         meta["resourceVersion"] = json!(self.rv.to_string());
         let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
         self.objects.insert(key, obj.clone());
-        let _ = self.events.send(WatchEvent {
+        self.publish(WatchEvent {
             resource: r,
             namespace: ns,
             kind,
             object: obj.clone(),
         });
         obj
+    }
+
+    /// Send `ev` (the change that made `self.rv`) to live watchers and keep it for replay.
+    fn publish(&mut self, ev: WatchEvent) {
+        if self.history.len() == HISTORY
+            && let Some((rv, _)) = self.history.pop_front()
+        {
+            self.history_from = rv;
+        }
+        self.history.push_back((self.rv, ev.clone()));
+        let _ = self.events.send(ev);
     }
 
     fn remove(&mut self, resource: usize, namespace: &str, name: &str) -> Option<Value> {
@@ -1091,7 +1113,7 @@ impl Store {
             .remove(&(resource, ns.to_owned(), name.to_owned()))?;
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        let _ = self.events.send(WatchEvent {
+        self.publish(WatchEvent {
             resource,
             namespace: ns.to_owned(),
             kind: "DELETED",
@@ -1971,18 +1993,33 @@ fn watch(
     since: u64,
     timeout: Option<Duration>,
 ) -> Response<Body> {
+    let scope = ns.clone();
+    let in_scope = move |ev: &WatchEvent| {
+        ev.resource == r && scope.as_deref().is_none_or(|n| n == ev.namespace)
+    };
     let (initial, mut events) = {
         let store = state.store();
-        let newer = |o: &Value| {
-            str_at(o, "/metadata/resourceVersion")
-                .parse::<u64>()
-                .is_ok_and(|rv| rv > since)
+        let initial: Vec<(&'static str, Value)> = if since > 0 && since >= store.history_from {
+            // From a version the history covers: every change since, deletions included.
+            store
+                .history
+                .iter()
+                .filter(|(rv, ev)| *rv > since && in_scope(ev) && filter.matches(&ev.object))
+                .map(|(_, ev)| (ev.kind, ev.object.clone()))
+                .collect()
+        } else {
+            let newer = |o: &Value| {
+                str_at(o, "/metadata/resourceVersion")
+                    .parse::<u64>()
+                    .is_ok_and(|rv| rv > since)
+            };
+            store
+                .list(r, ns.as_deref(), &filter)
+                .into_iter()
+                .filter(newer)
+                .map(|o| ("ADDED", o))
+                .collect()
         };
-        let initial: Vec<Value> = store
-            .list(r, ns.as_deref(), &filter)
-            .into_iter()
-            .filter(newer)
-            .collect();
         (initial, store.events.subscribe())
     };
     let (tx, rx) = mpsc::channel::<Bytes>(64);
@@ -1990,8 +2027,8 @@ fn watch(
         Bytes::from(format!("{}\n", json!({ "type": kind, "object": obj })))
     };
     tokio::spawn(async move {
-        for obj in &initial {
-            if tx.send(line("ADDED", obj)).await.is_err() {
+        for (kind, obj) in &initial {
+            if tx.send(line(kind, obj)).await.is_err() {
                 return;
             }
         }
@@ -2008,8 +2045,7 @@ fn watch(
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            let in_scope = ev.resource == r && ns.as_deref().is_none_or(|n| n == ev.namespace);
-            if in_scope
+            if in_scope(&ev)
                 && filter.matches(&ev.object)
                 && tx.send(line(ev.kind, &ev.object)).await.is_err()
             {
