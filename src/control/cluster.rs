@@ -69,6 +69,45 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// kube's default client stack (TLS from the kubeconfig, base URI, auth, extra headers,
+/// retries of overloaded responses), on a connector whose sockets have TCP keepalive: the
+/// port-forward upgrade holds its connection for as long as the forward runs, and a NAT or load
+/// balancer on the way must not forget it while it is idle, nor a vanished API server hold it
+/// forever. `kube::Client::try_from` offers no way to set this. Proxies in the kubeconfig are
+/// refused, as they were by the default stack built without kube's proxy features.
+fn client_with_keepalive(config: kube::Config) -> Result<kube::Client, kube::Error> {
+    use kube::client::ConfigExt;
+    use tower::ServiceBuilder;
+
+    if let Some(proxy) = &config.proxy_url {
+        return Err(kube::Error::ProxyProtocolUnsupported {
+            proxy_url: Box::new(proxy.clone()),
+        });
+    }
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(config.connect_timeout);
+    http.set_keepalive(Some(crate::relay::KEEPALIVE_IDLE));
+    http.set_keepalive_interval(Some(crate::relay::KEEPALIVE_INTERVAL));
+    http.set_keepalive_retries(Some(crate::relay::KEEPALIVE_PROBES));
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let client: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let retry = config
+        .default_retry
+        .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(retry)
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(client);
+    Ok(kube::Client::new(service, config.default_namespace.clone()))
+}
+
 impl Cluster {
     pub async fn connect(opts: &ClusterOptions) -> Result<Cluster, ControlError> {
         install_crypto_provider();
@@ -92,7 +131,7 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
         let server = config.cluster_url.to_string();
-        let client = kube::Client::try_from(config).map_err(|e| bad(&e))?;
+        let client = client_with_keepalive(config).map_err(|e| bad(&e))?;
         Ok(Cluster {
             client,
             namespace,
@@ -1148,5 +1187,72 @@ mod tests {
             assert!(!shown.contains(TOKEN), "{shown}");
             assert!(shown.contains("127.0.0.1:6443"), "{shown}");
         }
+    }
+
+    /// The API-server connection a forward holds for hours has TCP keepalive on: the client's
+    /// own socket to a listener here, found among the process's sockets by its peer address.
+    #[tokio::test]
+    async fn api_server_socket_has_keepalive() {
+        use std::os::fd::BorrowedFd;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = l.local_addr().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+                 clusters: [{{name: k, cluster: {{server: 'http://{server}'}}}}]\n\
+                 users: [{{name: u, user: {{}}}}]\n\
+                 contexts: [{{name: c, context: {{cluster: k, user: u}}}}]\n"
+            ),
+        )
+        .unwrap();
+        let cluster = Cluster::connect(&ClusterOptions {
+            kubeconfig: Some(path),
+            ..ClusterOptions::default()
+        })
+        .await
+        .unwrap();
+        // The request waits for an answer that never comes; its socket is open meanwhile.
+        let call = tokio::spawn(async move { cluster.upgrade("p", Protocol::Spdy, &[80]).await });
+        let (mut accepted, _) = l.accept().await.unwrap();
+        // The request's first bytes: the client has set its socket up by then.
+        let mut first = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut accepted, &mut first)
+            .await
+            .unwrap();
+        assert_eq!(&first, b"POST");
+        let mut found = 0;
+        for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+            let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // Safety: the fd is open for the duration of this check (the request that owns
+            // it is still waiting), and it is only borrowed for getsockopt.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let sock = socket2::SockRef::from(&fd);
+            let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+            if peer != Some(server) {
+                continue;
+            }
+            found += 1;
+            assert!(sock.keepalive().unwrap(), "no SO_KEEPALIVE");
+            assert_eq!(
+                sock.tcp_keepalive_time().unwrap(),
+                crate::relay::KEEPALIVE_IDLE
+            );
+            assert_eq!(
+                sock.tcp_keepalive_interval().unwrap(),
+                crate::relay::KEEPALIVE_INTERVAL
+            );
+            assert_eq!(
+                sock.tcp_keepalive_retries().unwrap(),
+                crate::relay::KEEPALIVE_PROBES
+            );
+            assert!(sock.tcp_nodelay().unwrap());
+        }
+        assert_eq!(found, 1, "the client's socket to {server}");
+        call.abort();
     }
 }
