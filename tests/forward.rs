@@ -7,6 +7,8 @@
 //! tears it down afterwards. Without root or containerd the containerd scenarios are reported
 //! as ignored with a loud SKIPPED line; with `CI` set that is a failure instead.
 
+#[path = "forward/faults.rs"]
+mod faults;
 #[path = "forward/follow.rs"]
 mod follow;
 #[path = "forward/isolation.rs"]
@@ -610,6 +612,39 @@ fn scenarios(env: &Env) -> Vec<Trial> {
             format!("{p}::spdy::setup_timeout_resets_then_recovers"),
             env,
             isolation::setup_timeout,
+        ),
+        trial(
+            format!("{p}::spdy::upstream_killed_mid_download"),
+            env,
+            |e| faults::upstream_killed_download(e, Spdy),
+        ),
+        trial(format!("{p}::spdy::upstream_killed_mid_upload"), env, |e| {
+            faults::upstream_killed_upload(e, Spdy)
+        }),
+        trial(
+            format!("{p}::spdy::upstream_paused_mid_transfer"),
+            env,
+            faults::upstream_paused_mid_transfer,
+        ),
+        trial(
+            format!("{p}::spdy::target_closes_mid_upload_50x"),
+            env,
+            |e| faults::target_closes_mid_upload_50x(e, Spdy),
+        ),
+        trial(
+            format!("{p}::websocket::upstream_killed_mid_download"),
+            env,
+            |e| faults::upstream_killed_download(e, Websocket),
+        ),
+        trial(
+            format!("{p}::websocket::upstream_killed_mid_upload"),
+            env,
+            |e| faults::upstream_killed_upload(e, Websocket),
+        ),
+        trial(
+            format!("{p}::websocket::target_closes_mid_upload_50x"),
+            env,
+            |e| faults::target_closes_mid_upload_50x(e, Websocket),
         ),
         trial(
             format!("{p}::websocket::stalled_reader_others_answer"),

@@ -41,7 +41,7 @@ async fn streaming_reply(l: TcpListener, chunks: usize, gap: Duration) {
 }
 
 /// A 1-byte echo round trip on `s`, bounded so that a frozen forward fails instead of hanging.
-async fn ping_echo(s: &mut TcpStream, what: &str) -> Result<(), Failed> {
+pub async fn ping_echo(s: &mut TcpStream, what: &str) -> Result<(), Failed> {
     let round = async {
         s.write_all(b"x").await?;
         let mut b = [0u8; 1];
@@ -260,12 +260,14 @@ pub async fn half_close_streaming_reply(env: Env, protocol: Protocol) -> Result<
     check_reply(&reply, &want, "reply streamed after half-close")
 }
 
-/// A TCP relay in front of the stream server that, once shut, swallows new connections
-/// (accepts them and never answers), as a paused runtime does. Connections made before keep
-/// flowing.
-struct Gate {
+/// A TCP relay in front of the stream server. Once shut, it swallows new connections (accepts
+/// them and never answers), as a paused runtime does; connections made before keep flowing.
+/// Once frozen, it is shut and also stops relaying on the connections it has: a runtime
+/// stopped with SIGSTOP.
+pub struct Gate {
     addr: SocketAddr,
     shut: Arc<std::sync::atomic::AtomicBool>,
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl Gate {
@@ -273,27 +275,66 @@ impl Gate {
         let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let addr = l.local_addr().unwrap();
         let shut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let frozen = tokio::sync::watch::Sender::new(false);
         let closed = shut.clone();
+        let thaw = frozen.subscribe();
         tokio::spawn(async move {
             let mut swallowed = Vec::new();
-            while let Ok((mut c, _)) = l.accept().await {
+            while let Ok((c, _)) = l.accept().await {
                 if closed.load(Ordering::SeqCst) {
                     swallowed.push(c);
                     continue;
                 }
+                let thaw = thaw.clone();
                 tokio::spawn(async move {
-                    if let Ok(mut u) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    if let Ok(u) = TcpStream::connect(upstream).await {
+                        let (cr, cw) = c.into_split();
+                        let (ur, uw) = u.into_split();
+                        tokio::join!(relay(cr, uw, thaw.clone()), relay(ur, cw, thaw));
                     }
                 });
             }
         });
-        Gate { addr, shut }
+        Gate { addr, shut, frozen }
+    }
+
+    /// A gate in front of the `ringfwd serve` at `url`, and the same URL through the gate.
+    pub async fn in_front_of(url: &str) -> Result<(Gate, String), Failed> {
+        let rest = url.strip_prefix("http://").ok_or("serve URL is not http")?;
+        let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let gate = Gate::start(hostport.parse()?).await;
+        let url = format!("http://{}/{path}", gate.addr);
+        Ok((gate, url))
     }
 
     fn shut(&self, on: bool) {
         self.shut.store(on, Ordering::SeqCst);
     }
+
+    pub fn freeze(&self, on: bool) {
+        self.shut(on);
+        self.frozen.send_replace(on);
+    }
+}
+
+/// One direction of a gated connection: bytes move only while the gate is not frozen (a read
+/// that completes during a freeze is held until the thaw).
+async fn relay(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if frozen.wait_for(|f| !*f).await.is_err() || w.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
 }
 
 /// Setting a session up is bounded: while the upstream does not answer (`ringfwd serve` behind
@@ -306,11 +347,8 @@ pub async fn setup_timeout(env: Env) -> Result<(), Failed> {
     tokio::spawn(echo(le));
     let (gate, upstream) = match &env.upstream {
         Upstream::Url(url) => {
-            let rest = url.strip_prefix("http://").ok_or("serve URL is not http")?;
-            let (hostport, path) = rest.split_once('/').unwrap_or((rest, ""));
-            let gate = Gate::start(hostport.parse()?).await;
-            let up = Upstream::Url(format!("http://{}/{path}", gate.addr));
-            (Some(gate), up)
+            let (gate, url) = Gate::in_front_of(url).await?;
+            (Some(gate), Upstream::Url(url))
         }
         other => (None, other.clone()),
     };

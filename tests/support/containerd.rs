@@ -68,6 +68,11 @@ pub struct Pauser {
 }
 
 impl Pauser {
+    /// containerd's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Pause containerd until the returned guard drops (also when a test fails mid-way).
     pub fn pause(&self) -> Paused {
         self.signal(libc::SIGSTOP);
