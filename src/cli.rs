@@ -719,6 +719,13 @@ async fn start_configured(
 /// before the recorder is installed record nothing).
 async fn observe(metrics_addr: Option<SocketAddr>, live: bool) -> Result<(), String> {
     if let Some(addr) = metrics_addr {
+        if addr.ip().is_unspecified() {
+            tracing::warn!(
+                "metrics on {}, a wildcard address: /metrics and /streams (targets, ports, \
+                 byte counts) are readable from other machines, with no authentication",
+                addr.ip()
+            );
+        }
         let bound = metrics::http::start(addr)
             .await
             .map_err(|e| e.to_string())?;
