@@ -631,14 +631,21 @@ impl Forwarder {
         let timeout = self.connector.cfg.pool.connect_timeout;
         // While the pod is gone, a new connection waits here for the next one (and its
         // session), all within `--connect-timeout`.
+        // Waiting for a session is boxed: inline, its state (the pool's checkout, a session
+        // setup) would make this future, which every open connection keeps for its whole
+        // life, about 1 KiB larger than relaying needs.
         let (session, outcome) = match &self.pool {
-            Some(pool) => match tokio::select! {
-                r = tokio::time::timeout(timeout, async {
-                    let generation = self.ready_generation().await;
-                    pool.checkout(remote).await.map(|c| (c, generation))
-                }) => r.unwrap_or(Err(ControlError::SetupTimeout(timeout))),
-                () = cut => Err(ControlError::ShuttingDown),
-            } {
+            Some(pool) => match Box::pin(async {
+                tokio::select! {
+                    r = tokio::time::timeout(timeout, async {
+                        let generation = self.ready_generation().await;
+                        pool.checkout(remote).await.map(|c| (c, generation))
+                    }) => r.unwrap_or(Err(ControlError::SetupTimeout(timeout))),
+                    () = cut => Err(ControlError::ShuttingDown),
+                }
+            })
+            .await
+            {
                 Ok(((lease, conn, inbound), generation)) => {
                     let s = lease.session().clone();
                     let _open = self.track(&s, conn, generation);
@@ -665,10 +672,12 @@ impl Forwarder {
             None => {
                 // One session per connection, the connection open before the server can
                 // answer.
-                let prepared =
-                    tokio::time::timeout(timeout, self.connector.prepare_session(&[remote]))
-                        .await
-                        .unwrap_or(Err(ControlError::SetupTimeout(timeout)));
+                let prepared = Box::pin(tokio::time::timeout(
+                    timeout,
+                    self.connector.prepare_session(&[remote]),
+                ))
+                .await
+                .unwrap_or(Err(ControlError::SetupTimeout(timeout)));
                 let started = match prepared {
                     Ok((up, proto, opts, generation)) => {
                         Session::start_with_conn(up.io, up.prefix, proto, opts, remote)
