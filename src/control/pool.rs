@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use super::ControlError;
 use crate::proto::ConnId;
@@ -331,7 +331,7 @@ impl Pool {
     pub async fn checkout(
         &self,
         port: u16,
-    ) -> Result<(Lease, ConnId, mpsc::Receiver<Inbound>), ControlError> {
+    ) -> Result<(Lease, ConnId, crate::relay::queue::Receiver<Inbound>), ControlError> {
         loop {
             let changed = self.inner.changed.notified();
             tokio::pin!(changed);

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use super::pipe::{self, Pipe, SpliceIn};
 use super::session::{Inbound, Session};
@@ -103,7 +103,7 @@ pub async fn relay_opened_conn<B: Send>(
     session: &Session,
     tcp: TcpStream,
     conn: ConnId,
-    inbound: mpsc::Receiver<Inbound>,
+    inbound: crate::relay::queue::Receiver<Inbound>,
     busy: B,
     stream: Stream,
 ) -> ConnOutcome {
@@ -125,7 +125,7 @@ pub async fn relay_server_conn(
     session: &Session,
     tcp: TcpStream,
     conn: ConnId,
-    inbound: mpsc::Receiver<Inbound>,
+    inbound: crate::relay::queue::Receiver<Inbound>,
     stream: Stream,
 ) -> ConnOutcome {
     let outcome = relay(
@@ -155,7 +155,7 @@ async fn relay<B: Send>(
     session: &Session,
     mut tcp: TcpStream,
     conn: ConnId,
-    mut inbound: mpsc::Receiver<Inbound>,
+    mut inbound: crate::relay::queue::Receiver<Inbound>,
     side: Side,
     busy: B,
     stats: &StreamStats,

@@ -17,6 +17,7 @@
 pub mod conn;
 pub mod drain;
 pub mod pipe;
+pub mod queue;
 pub mod session;
 pub mod tunnel;
 

@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use super::drain::{Drain, Open};
 use super::pipe::{self, Pipe, SpliceIn};
+use super::queue;
 use super::{CONN_QUEUE_FRAMES, READ_BUF, RelayError, SESSION_WRITE_BUDGET, UpstreamConn};
 use crate::metrics::SessionMetrics;
 use crate::proto::{ConnId, Event, HEADROOM, PortForwardProtocol};
@@ -95,7 +96,7 @@ pub enum Inbound {
 pub struct Incoming {
     pub conn: ConnId,
     pub port: u16,
-    pub inbound: mpsc::Receiver<Inbound>,
+    pub inbound: queue::Receiver<Inbound>,
 }
 
 struct Frame {
@@ -118,7 +119,7 @@ impl Frame {
 /// A connection's end of the session: its inbound queue, and the pipe its spliced payload
 /// goes through while there is some in flight.
 struct ConnEntry {
-    tx: mpsc::Sender<Inbound>,
+    tx: queue::Sender<Inbound>,
     down: Option<Arc<Pipe>>,
 }
 
@@ -201,7 +202,7 @@ impl Session {
         proto: Box<dyn PortForwardProtocol>,
         opts: SessionOptions,
         port: u16,
-    ) -> Result<(Session, ConnId, mpsc::Receiver<Inbound>), RelayError> {
+    ) -> Result<(Session, ConnId, queue::Receiver<Inbound>), RelayError> {
         let (session, ends, _) = Session::new(proto, opts);
         let (conn, inbound) = session.open(port)?;
         session.spawn(io.into(), prefix, ends);
@@ -306,8 +307,8 @@ impl Session {
         }
     }
 
-    fn register(&self, conn: ConnId) -> mpsc::Receiver<Inbound> {
-        let (tx, rx) = mpsc::channel(CONN_QUEUE_FRAMES);
+    fn register(&self, conn: ConnId) -> queue::Receiver<Inbound> {
+        let (tx, rx) = queue::channel(CONN_QUEUE_FRAMES);
         self.shared
             .conns
             .lock()
@@ -446,7 +447,7 @@ impl Session {
     }
 
     /// Client role: open a connection to `port`.
-    pub fn open(&self, port: u16) -> Result<(ConnId, mpsc::Receiver<Inbound>), RelayError> {
+    pub fn open(&self, port: u16) -> Result<(ConnId, queue::Receiver<Inbound>), RelayError> {
         if let Some(reason) = self.dead_reason() {
             return Err(RelayError::GoAway(reason.to_string()));
         }
@@ -824,11 +825,11 @@ impl Session {
         let Some(tx) = tx else { return };
         let msg = match tx.try_send(msg) {
             Ok(()) => return,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(queue::TrySendError::Closed(_)) => {
                 self.reset(conn);
                 return;
             }
-            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+            Err(queue::TrySendError::Full(msg)) => msg,
         };
         // The local client is slower than upstream; the peer does no flow control, so the only
         // brake is to stop reading the session until this connection catches up.
