@@ -944,7 +944,8 @@ fn verbose_logs_each_connection_end_with_bytes_duration_outcome() {
 /// A forward under a pseudo-terminal (`script`), stdout and stderr both on it.
 struct OnTerminal {
     child: KillOnDrop,
-    out: Arc<Mutex<String>>,
+    /// Everything the terminal showed so far; the condvar is signalled on every new chunk.
+    out: Arc<(Mutex<String>, std::sync::Condvar)>,
 }
 
 impl OnTerminal {
@@ -962,7 +963,7 @@ impl OnTerminal {
             .spawn()
             .expect("run script(1)");
         let mut pipe = child.stdout.take().unwrap();
-        let out = Arc::new(Mutex::new(String::new()));
+        let out = Arc::new((Mutex::new(String::new()), std::sync::Condvar::new()));
         let sink = out.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -970,9 +971,11 @@ impl OnTerminal {
                 if n == 0 {
                     break;
                 }
-                sink.lock()
+                sink.0
+                    .lock()
                     .unwrap()
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.1.notify_all();
             }
         });
         OnTerminal {
@@ -982,28 +985,35 @@ impl OnTerminal {
     }
 
     fn text(&self) -> String {
-        self.out.lock().unwrap().clone()
+        self.out.0.lock().unwrap().clone()
+    }
+
+    /// Wait (on the terminal's output, for at most [`DEADLINE`]) until `f` finds what it
+    /// looks for in everything shown so far.
+    fn wait_for<T>(&self, what: &str, mut f: impl FnMut(&str) -> Option<T>) -> T {
+        let end = Instant::now() + DEADLINE;
+        let (text, more) = &*self.out;
+        let mut t = text.lock().unwrap();
+        loop {
+            if let Some(v) = f(&t) {
+                return v;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "timed out waiting for {what}: {:?}", *t);
+            t = more.wait_timeout(t, left).unwrap().0;
+        }
     }
 
     /// `(local forward port, metrics host:port)` once both lines are printed.
     fn ports(&self) -> (u16, String) {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let t = self.text();
+        self.wait_for("the forward on a terminal to start", |t| {
             let metrics = t
                 .lines()
                 .find_map(|l| l.trim().strip_prefix("Metrics on http://"))
-                .and_then(|l| l.strip_suffix("/metrics"));
-            let local = t.lines().find_map(|l| procs::parse_forwarding(l.trim()));
-            if let (Some(m), Some((local, _))) = (metrics, local) {
-                return (local, m.to_string());
-            }
-            assert!(
-                Instant::now() < end,
-                "forward on a terminal did not start: {t:?}"
-            );
-            std::thread::sleep(POLL);
-        }
+                .and_then(|l| l.strip_suffix("/metrics"))?;
+            let (local, _) = t.lines().find_map(|l| procs::parse_forwarding(l.trim()))?;
+            Some((local, metrics.to_string()))
+        })
     }
 }
 
@@ -1048,23 +1058,19 @@ fn live_status_line_on_a_terminal_only() {
         }
         let term = OnTerminal::start(&args);
         let (local, metrics) = term.ports();
-        // A slow, endless download keeps the stream open and its rate moving.
+        // An endless download keeps the stream open and its rate moving.
         let mut c = TcpStream::connect((Ipv4Addr::LOCALHOST, local)).unwrap();
         c.set_read_timeout(Some(procs::IO_TIMEOUT)).unwrap();
         c.write_all(&(1u64 << 40).to_le_bytes()).unwrap();
         let mut buf = vec![0u8; 64 * 1024];
-        let reader = std::thread::spawn(move || {
-            while matches!(c.read(&mut buf), Ok(k) if k > 0) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        });
+        let reader =
+            std::thread::spawn(move || while matches!(c.read(&mut buf), Ok(k) if k > 0) {});
         two_sampler_ticks(&metrics);
         let line = format!("{}  1 connection  up 8 B", rig.name);
         if quiet {
             assert!(!term.text().contains(&line), "status line with --quiet");
         } else {
-            poll("the status line, redrawn", || {
-                let t = term.text();
+            term.wait_for("the status line, redrawn", |t| {
                 let first = t.find(&line)?;
                 // Redrawn in place: erased (carriage return, erase below) and written again.
                 t[first..].find("\r\x1b[J")?;
