@@ -706,11 +706,9 @@ impl Forwarder {
                 tracing::warn!(
                     "connection from {peer} to port {remote} failed, reset it: {outcome}"
                 );
-                // Data we sent for a connection the server has given up on can wedge one of
-                // containerd's frame workers, and then the whole session (fixed in containerd
-                // 1.6.22/1.7.3): send new connections to a fresh session, let this one drain.
+                // The relay retired the session already if this can have wedged it (see
+                // relay::conn); count it.
                 if *sent > 0 && !session.forward_half_close() && self.pool.is_some() {
-                    session.retire();
                     self.sessions_retired.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -348,6 +348,18 @@ async fn relay<B: Send>(
         }
     };
 
+    // Data sent for a connection the server then gave up on can wedge one of containerd's
+    // frame workers, and with it the whole session (fixed in containerd 1.6.22/1.7.3): such a
+    // session takes no new connection. Retired here, before the lease goes back to the pool,
+    // so that no connection is handed it in between (seen: a new echo put on the session a
+    // failed upload had just wedged, and reset 3 s later by the PING timeout).
+    if let Err(ConnOutcome::RemoteError { sent, .. }) = &outcome
+        && *sent > 0
+        && side == Side::Client
+        && !session.forward_half_close()
+    {
+        session.retire();
+    }
     drop(busy);
 
     // The peer finished its direction and then ended the whole session in order (a WebSocket
