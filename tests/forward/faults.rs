@@ -12,7 +12,7 @@
 
 use std::process::Command;
 
-use super::isolation::{Gate, endless_source, ping_echo};
+use super::isolation::{endless_source, ping_echo, stoppable_forward};
 use super::*;
 
 /// Moved before a fault is injected, so that it lands in the middle of a transfer.
@@ -178,25 +178,7 @@ pub async fn upstream_paused_mid_transfer(env: Env) -> Result<(), Failed> {
     let le = env.bind();
     let echo_port = le.local_addr()?.port();
     tokio::spawn(echo(le));
-    let (gate, upstream) = match &env.upstream {
-        Upstream::Url(url) => {
-            let (gate, url) = Gate::in_front_of(url).await?;
-            (Some(gate), Upstream::Url(url))
-        }
-        other => (None, other.clone()),
-    };
-    let gated = Env {
-        upstream,
-        ..env.clone()
-    };
-    let pool = PoolOptions {
-        warm_sessions: 0,
-        connect_timeout: Duration::from_millis(500),
-        ..PoolOptions::default()
-    };
-    let (_fwd, addrs, mut outcomes) = gated
-        .forward_with(Protocol::Spdy, &[src_port, echo_port], pool)
-        .await;
+    let (gate, _fwd, addrs, mut outcomes) = stoppable_forward(&env, &[src_port, echo_port]).await?;
 
     let mut s = TcpStream::connect(addrs[0]).await?;
     let mut buf = vec![0u8; CHUNK];

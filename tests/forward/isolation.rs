@@ -337,14 +337,22 @@ async fn relay(
     let _ = w.shutdown().await;
 }
 
-/// Setting a session up is bounded: while the upstream does not answer (`ringfwd serve` behind
-/// a gate that swallows new connections; containerd stopped with SIGSTOP), a new connection is
-/// reset after `connect_timeout`, never left waiting; once the upstream answers again, the
-/// connection opened before and new ones work.
-pub async fn setup_timeout(env: Env) -> Result<(), Failed> {
-    let le = env.bind();
-    let port = le.local_addr()?.port();
-    tokio::spawn(echo(le));
+/// A SPDY forward of `remotes` with no warm sessions and a 500 ms setup bound, whose upstream
+/// a test can make stop answering: `serve` through a [`Gate`] (returned), containerd with its
+/// pauser (the env's).
+#[allow(clippy::type_complexity)]
+pub async fn stoppable_forward(
+    env: &Env,
+    remotes: &[u16],
+) -> Result<
+    (
+        Option<Gate>,
+        Arc<Forwarder>,
+        Vec<SocketAddr>,
+        mpsc::UnboundedReceiver<ConnOutcome>,
+    ),
+    Failed,
+> {
     let (gate, upstream) = match &env.upstream {
         Upstream::Url(url) => {
             let (gate, url) = Gate::in_front_of(url).await?;
@@ -361,7 +369,19 @@ pub async fn setup_timeout(env: Env) -> Result<(), Failed> {
         connect_timeout: Duration::from_millis(500),
         ..PoolOptions::default()
     };
-    let (_fwd, addrs, mut outcomes) = gated.forward_with(Protocol::Spdy, &[port], pool).await;
+    let (fwd, addrs, outcomes) = gated.forward_with(Protocol::Spdy, remotes, pool).await;
+    Ok((gate, fwd, addrs, outcomes))
+}
+
+/// Setting a session up is bounded: while the upstream does not answer (`ringfwd serve` behind
+/// a gate that swallows new connections; containerd stopped with SIGSTOP), a new connection is
+/// reset after `connect_timeout`, never left waiting; once the upstream answers again, the
+/// connection opened before and new ones work.
+pub async fn setup_timeout(env: Env) -> Result<(), Failed> {
+    let le = env.bind();
+    let port = le.local_addr()?.port();
+    tokio::spawn(echo(le));
+    let (gate, _fwd, addrs, mut outcomes) = stoppable_forward(&env, &[port]).await?;
 
     // Holds the one session there is.
     let mut open = TcpStream::connect(addrs[0]).await?;
