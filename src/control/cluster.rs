@@ -1157,27 +1157,37 @@ mod tests {
 
     /// A cluster from a kubeconfig with a bearer token: `{:?}` of it (and of a forward's
     /// upstream holding it) shows the server, never the token.
-    #[tokio::test]
-    async fn debug_hides_kubeconfig_credentials() {
-        const TOKEN: &str = "kubeconfig-bearer-0123456789abcdef";
-        let dir = tempfile::tempdir().unwrap();
+    /// A cluster client from a one-context kubeconfig (in `dir`) for `server` and `user`.
+    async fn connect_to(dir: &tempfile::TempDir, server: &str, user: &str) -> Cluster {
         let path = dir.path().join("kubeconfig");
         std::fs::write(
             &path,
             format!(
                 "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
-                 clusters: [{{name: k, cluster: {{server: 'https://127.0.0.1:6443'}}}}]\n\
-                 users: [{{name: u, user: {{token: {TOKEN}}}}}]\n\
+                 clusters: [{{name: k, cluster: {{server: '{server}'}}}}]\n\
+                 users: [{{name: u, user: {user}}}]\n\
                  contexts: [{{name: c, context: {{cluster: k, user: u}}}}]\n"
             ),
         )
         .unwrap();
-        let cluster = Cluster::connect(&ClusterOptions {
+        Cluster::connect(&ClusterOptions {
             kubeconfig: Some(path),
             ..ClusterOptions::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn debug_hides_kubeconfig_credentials() {
+        const TOKEN: &str = "kubeconfig-bearer-0123456789abcdef";
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = connect_to(
+            &dir,
+            "https://127.0.0.1:6443",
+            &format!("{{token: {TOKEN}}}"),
+        )
+        .await;
         let upstream = super::super::forward::Upstream::Api {
             cluster: cluster.clone(),
             pod: "p".into(),
@@ -1197,23 +1207,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server = l.local_addr().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("kubeconfig");
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
-                 clusters: [{{name: k, cluster: {{server: 'http://{server}'}}}}]\n\
-                 users: [{{name: u, user: {{}}}}]\n\
-                 contexts: [{{name: c, context: {{cluster: k, user: u}}}}]\n"
-            ),
-        )
-        .unwrap();
-        let cluster = Cluster::connect(&ClusterOptions {
-            kubeconfig: Some(path),
-            ..ClusterOptions::default()
-        })
-        .await
-        .unwrap();
+        let cluster = connect_to(&dir, &format!("http://{server}"), "{}").await;
         // The request waits for an answer that never comes; its socket is open meanwhile.
         let call = tokio::spawn(async move { cluster.upgrade("p", Protocol::Spdy, &[80]).await });
         let (mut accepted, _) = l.accept().await.unwrap();

@@ -78,19 +78,20 @@ async fn drain(l: TcpListener) {
     }
 }
 
-/// The upstream connection dies in the middle of a download: the client is reset after the
-/// bytes that made it, and a new connection works.
-pub async fn upstream_killed_download(env: Env, protocol: Protocol) -> Result<(), Failed> {
-    let up_port = upstream_port(&env)?;
-    let ls = env.bind();
-    let src_port = ls.local_addr()?.port();
-    tokio::spawn(endless_source(ls));
-    let le = env.bind();
-    let echo_port = le.local_addr()?.port();
-    tokio::spawn(echo(le));
-    let (_fwd, addrs, mut outcomes) = env.forward(protocol, &[src_port, echo_port]).await;
+/// Bind a listener where the server dials, run `target` on it; its port.
+fn target<F, Fut>(env: &Env, target: F) -> Result<u16, Failed>
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = env.bind();
+    let port = l.local_addr()?.port();
+    tokio::spawn(target(l));
+    Ok(port)
+}
 
-    let mut s = TcpStream::connect(addrs[0]).await?;
+/// Read at least [`BEFORE_FAULT`] bytes of a download, so that a fault lands mid-transfer.
+async fn read_into_transfer(s: &mut TcpStream) -> Result<(), Failed> {
     let mut buf = vec![0u8; CHUNK];
     let mut got = 0u64;
     while got < BEFORE_FAULT {
@@ -99,6 +100,19 @@ pub async fn upstream_killed_download(env: Env, protocol: Protocol) -> Result<()
             n => got += n as u64,
         }
     }
+    Ok(())
+}
+
+/// The upstream connection dies in the middle of a download: the client is reset after the
+/// bytes that made it, and a new connection works.
+pub async fn upstream_killed_download(env: Env, protocol: Protocol) -> Result<(), Failed> {
+    let up_port = upstream_port(&env)?;
+    let src_port = target(&env, endless_source)?;
+    let echo_port = target(&env, echo)?;
+    let (_fwd, addrs, mut outcomes) = env.forward(protocol, &[src_port, echo_port]).await;
+
+    let mut s = TcpStream::connect(addrs[0]).await?;
+    read_into_transfer(&mut s).await?;
     let killed = kill_upstream(up_port)?;
     check(killed >= 1, || "no upstream connection to kill".into())?;
     expect_reset(&mut s).await?;
@@ -114,12 +128,8 @@ pub async fn upstream_killed_download(env: Env, protocol: Protocol) -> Result<()
 /// fail with a reset (never a clean end of file), and a new connection works.
 pub async fn upstream_killed_upload(env: Env, protocol: Protocol) -> Result<(), Failed> {
     let up_port = upstream_port(&env)?;
-    let lk = env.bind();
-    let sink_port = lk.local_addr()?.port();
-    tokio::spawn(drain(lk));
-    let le = env.bind();
-    let echo_port = le.local_addr()?.port();
-    tokio::spawn(echo(le));
+    let sink_port = target(&env, drain)?;
+    let echo_port = target(&env, echo)?;
     let (_fwd, addrs, mut outcomes) = env.forward(protocol, &[sink_port, echo_port]).await;
 
     let mut s = TcpStream::connect(addrs[0]).await?;
@@ -172,23 +182,12 @@ pub async fn upstream_killed_upload(env: Env, protocol: Protocol) -> Result<(), 
 /// timeout (3 s here) notices and resets the download's client; a connection made meanwhile is
 /// reset after the setup bound; once the upstream answers again, new connections work.
 pub async fn upstream_paused_mid_transfer(env: Env) -> Result<(), Failed> {
-    let ls = env.bind();
-    let src_port = ls.local_addr()?.port();
-    tokio::spawn(endless_source(ls));
-    let le = env.bind();
-    let echo_port = le.local_addr()?.port();
-    tokio::spawn(echo(le));
+    let src_port = target(&env, endless_source)?;
+    let echo_port = target(&env, echo)?;
     let (gate, _fwd, addrs, mut outcomes) = stoppable_forward(&env, &[src_port, echo_port]).await?;
 
     let mut s = TcpStream::connect(addrs[0]).await?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut got = 0u64;
-    while got < BEFORE_FAULT {
-        match s.read(&mut buf).await? {
-            0 => return Err("download ended before the fault".into()),
-            n => got += n as u64,
-        }
-    }
+    read_into_transfer(&mut s).await?;
     let paused = match (&gate, &env.pauser) {
         (Some(g), _) => {
             g.freeze(true);
@@ -233,12 +232,8 @@ pub async fn upstream_paused_mid_transfer(env: Env) -> Result<(), Failed> {
 /// client's writes fail, and the forward stays alive: an echo connection opened before the
 /// first round and a new one after every round both answer.
 pub async fn target_closes_mid_upload_50x(env: Env, protocol: Protocol) -> Result<(), Failed> {
-    let lc = env.bind();
-    let closer_port = lc.local_addr()?.port();
-    tokio::spawn(closer(lc, false));
-    let le = env.bind();
-    let echo_port = le.local_addr()?.port();
-    tokio::spawn(echo(le));
+    let closer_port = target(&env, |l| closer(l, false))?;
+    let echo_port = target(&env, echo)?;
     let (_fwd, addrs, mut outcomes) = env.forward(protocol, &[closer_port, echo_port]).await;
     let mut long_lived = TcpStream::connect(addrs[1]).await?;
     ping_echo(&mut long_lived, "echo before the first round").await?;
