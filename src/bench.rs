@@ -107,35 +107,46 @@ fn runtime(name: &str, threads: usize) -> Result<Runtime, String> {
         .map_err(|e| format!("cannot start {name} runtime: {e}"))
 }
 
-/// CPU seconds used so far by this process's threads whose name starts with `prefix`.
+/// CPU seconds used so far by this process's threads whose name starts with `prefix`, and by
+/// the io_uring kernel workers they started (`iou-wrk-TID`: a splice on the ring runs there,
+/// so leaving them out would flatter the `uring` data plane).
 pub fn thread_cpu_seconds(prefix: &str) -> f64 {
     // Safety: sysconf(3) only reads a configuration value; it takes no pointers.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let mut ticks = 0u64;
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
         return 0.0;
     };
-    for task in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if !stat[open + 1..close].starts_with(prefix) {
-            continue;
-        }
-        // Fields after the name: state is field 3; utime and stime are fields 14 and 15.
-        let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
-        ticks += rest
-            .get(11)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        ticks += rest
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
+    // (tid, name, utime + stime ticks) of every thread.
+    let threads: Vec<(String, String, u64)> = dir
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+            // Fields after the name: state is field 3; utime and stime are fields 14 and 15.
+            let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
+            let field = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            Some((
+                stat[..open].trim().to_string(),
+                stat[open + 1..close].to_string(),
+                field(11) + field(12),
+            ))
+        })
+        .collect();
+    let ours: std::collections::HashSet<&str> = threads
+        .iter()
+        .filter(|(_, name, _)| name.starts_with(prefix))
+        .map(|(tid, _, _)| tid.as_str())
+        .collect();
+    let ticks: u64 = threads
+        .iter()
+        .filter(|(tid, name, _)| {
+            ours.contains(tid.as_str())
+                || name
+                    .strip_prefix("iou-wrk-")
+                    .is_some_and(|parent| ours.contains(parent))
+        })
+        .map(|(_, _, t)| t)
+        .sum();
     ticks as f64 / tick
 }
 

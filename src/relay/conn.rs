@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 
 use super::pipe::{self, Pipe, SpliceIn};
 use super::session::{Inbound, Session};
+use super::uring::{self, SockFd};
 use super::{RelayError, SMALL_READ, SPLICE_MIN};
 use crate::metrics::{Outcome, Stream, StreamStats};
 use crate::proto::{ConnId, HEADROOM};
@@ -161,6 +162,13 @@ async fn relay<B: Send>(
     stats: &StreamStats,
 ) -> ConnOutcome {
     super::tune_socket(&tcp);
+    // The io_uring backend moves this socket's bytes through the ring (a duplicate of the
+    // descriptor keeps the socket open for operations still in the kernel).
+    let ring = match super::data_plane() {
+        super::DataPlane::Uring => SockFd::dup(&tcp).ok(),
+        _ => None,
+    };
+    let ring = ring.as_ref();
     // A client-side FIN is held back from servers that would turn it into a 1 s kill timer
     // (see SessionOptions::forward_half_close), and from protocols that cannot carry it.
     let wire_half_close = session.half_close_on_wire();
@@ -194,7 +202,15 @@ async fn relay<B: Send>(
                 {
                     pipe = None;
                 }
-                if bulk {
+                if let Some(ring) = ring {
+                    // A bulk read waits in its own receive or splice; between messages,
+                    // a poll waits and holds no buffer.
+                    if !bulk {
+                        uring::poll(ring, libc::POLLIN as u32)
+                            .await
+                            .map_err(ConnOutcome::Local)?;
+                    }
+                } else if bulk {
                     rd.as_ref().readable().await.map_err(ConnOutcome::Local)?;
                 } else {
                     // Wait for bytes (or the end) to be there before a buffer is: readiness
@@ -213,7 +229,7 @@ async fn relay<B: Send>(
                             .insert(Arc::new(Pipe::new().map_err(ConnOutcome::Local)?))
                             .clone(),
                     };
-                    let n = match pipe::splice_from(rd.as_ref(), &p, max)
+                    let n = match pipe::splice_from(rd.as_ref(), ring, &p, max)
                         .await
                         .map_err(ConnOutcome::Local)?
                     {
@@ -246,10 +262,11 @@ async fn relay<B: Send>(
                     buf.clear();
                     buf.reserve(HEADROOM + limit);
                     buf.put_bytes(0, HEADROOM);
-                    let n = rd
-                        .read_buf(&mut (&mut buf).limit(limit))
-                        .await
-                        .map_err(ConnOutcome::Local)?;
+                    let n = match ring {
+                        Some(ring) => uring::recv(ring, &mut buf, limit).await,
+                        None => rd.read_buf(&mut (&mut buf).limit(limit)).await,
+                    }
+                    .map_err(ConnOutcome::Local)?;
                     bulk = n == limit;
                     if n > 0 {
                         stats.add_up(n);
@@ -286,13 +303,17 @@ async fn relay<B: Send>(
                 match msg {
                     Inbound::Data(b) => {
                         last_down.store(micros_since(base), Relaxed);
-                        wr.write_all(&b).await.map_err(ConnOutcome::Local)?;
+                        match ring {
+                            Some(ring) => send_all(ring, b.clone()).await,
+                            None => wr.write_all(&b).await,
+                        }
+                        .map_err(ConnOutcome::Local)?;
                         stats.add_down(b.len());
                     }
                     Inbound::Piped { pipe, len } => {
                         last_down.store(micros_since(base), Relaxed);
                         let more = !inbound.is_empty();
-                        pipe::splice_to(wr.as_ref(), &pipe, len, more)
+                        pipe::splice_to(wr.as_ref(), ring, &pipe, len, more)
                             .await
                             .map_err(ConnOutcome::Local)?;
                         stats.add_down(len);
@@ -398,6 +419,17 @@ async fn relay<B: Send>(
             e
         }
     }
+}
+
+/// Send all of `b` through the ring.
+async fn send_all(ring: &SockFd, mut b: bytes::Bytes) -> io::Result<()> {
+    while !b.is_empty() {
+        match uring::send(ring, b.clone(), 0).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => bytes::Buf::advance(&mut b, n),
+        }
+    }
+    Ok(())
 }
 
 /// A local client has half-closed: wait until the server's direction has been quiet for

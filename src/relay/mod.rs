@@ -20,6 +20,7 @@ pub mod pipe;
 pub mod queue;
 pub mod session;
 pub mod tunnel;
+pub mod uring;
 
 use std::time::Duration;
 
@@ -31,7 +32,8 @@ pub use tunnel::TunnelIo;
 /// How payload moves between local sockets and upstream sessions. One per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DataPlane {
-    /// `epoll` where splice(2) works, else `copy` (with one log line saying why).
+    /// `epoll` where splice(2) works, else `copy` (with one log line saying why). Never
+    /// `uring`, which measured slower than `epoll` on every row (perf/2026-12-02-uring.md).
     Auto,
     /// The epoll reactor (tokio); payload to and from plain TCP upstreams (stream servers,
     /// `ringfwd serve`) moves with splice(2) through pipes, never through user memory. TLS and
@@ -40,6 +42,11 @@ pub enum DataPlane {
     /// The epoll reactor, every payload copied through user memory (what `epoll` falls back to,
     /// and a baseline to measure it against).
     Copy,
+    /// io_uring: a ring per worker thread moves the bytes of local sockets and plain TCP
+    /// upstreams (receives and sends through user memory: the ring's splice costs a kernel
+    /// thread hop per frame and measured slower, see perf/). TLS and WebSocket upstreams stay
+    /// on the epoll reactor.
+    Uring,
 }
 
 impl DataPlane {
@@ -49,6 +56,7 @@ impl DataPlane {
             DataPlane::Auto => "auto",
             DataPlane::Epoll => "epoll",
             DataPlane::Copy => "copy",
+            DataPlane::Uring => "uring",
         }
     }
 }
@@ -73,9 +81,17 @@ pub fn select_data_plane(want: DataPlane) -> Result<DataPlane, RelayError> {
         }
         DataPlane::Epoll if !splice_available() => {
             return Err(RelayError::Unavailable(
-                "data plane \"epoll\" needs splice(2), which this kernel or seccomp profile refuses; use --data-plane copy or auto",
+                "data plane \"epoll\" needs splice(2), which this kernel or seccomp profile refuses; use --data-plane copy or auto".into(),
             ));
         }
+        DataPlane::Uring => match uring::available() {
+            Ok(()) => DataPlane::Uring,
+            Err(why) => {
+                return Err(RelayError::Unavailable(format!(
+                    "data plane \"uring\" is not available here ({why}); use --data-plane epoll or auto"
+                )));
+            }
+        },
         other => other,
     };
     Ok(*DATA_PLANE.get_or_init(|| chosen))
@@ -121,6 +137,21 @@ impl From<Box<dyn UpstreamIo>> for UpstreamConn {
     fn from(io: Box<dyn UpstreamIo>) -> Self {
         UpstreamConn::Stream(io)
     }
+}
+
+/// Whether payload moves with splice where it can (plain TCP upstreams): always on `epoll`.
+/// On `uring` only with `RINGFWD_URING_SPLICE=1`: the ring runs every splice in a kernel
+/// worker thread (io_uring forces splice async), a thread hop per frame that costs more than
+/// the copy it saves, so by default the ring receives and sends payload through user memory
+/// (measured in perf/2026-12-02-uring.md).
+pub fn splice_payloads() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| match data_plane() {
+        DataPlane::Uring => {
+            std::env::var("RINGFWD_URING_SPLICE").is_ok_and(|v| v == "1") && splice_available()
+        }
+        _ => true,
+    })
 }
 
 /// Whether splice(2) works here (checked once; a seccomp profile may forbid it).
@@ -203,7 +234,7 @@ pub enum RelayError {
     #[error("session is closed")]
     SessionClosed,
     #[error("{0}")]
-    Unavailable(&'static str),
+    Unavailable(String),
 }
 
 impl RelayError {

@@ -16,11 +16,14 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+use super::uring::{self, Dir, SockFd};
 
 /// Size asked for each pipe (the default is 64 KiB). More room means fewer wake-ups per GB;
 /// the pages are only taken while payload is in flight. A refusal (over the per-user pipe
@@ -81,8 +84,29 @@ impl Pipe {
     /// socket's end of file.
     fn splice_in(&self, fd: RawFd, len: usize) -> io::Result<usize> {
         let n = splice(fd, self.wr.as_raw_fd(), len, 0)?;
-        self.fill.fetch_add(n, Ordering::AcqRel);
+        self.filled(n);
         Ok(n)
+    }
+
+    /// `n` bytes were spliced in (by whichever backend).
+    fn filled(&self, n: usize) {
+        self.fill.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// `n` bytes were spliced out (by whichever backend): wake a producer waiting for room.
+    fn emptied(&self, n: usize) {
+        self.fill.fetch_sub(n, Ordering::AcqRel);
+        self.drained.notify_one();
+    }
+
+    /// The read end (for an io_uring splice; the pipe keeps ownership).
+    pub(super) fn read_fd(&self) -> RawFd {
+        self.rd.as_raw_fd()
+    }
+
+    /// The write end (for an io_uring splice; the pipe keeps ownership).
+    pub(super) fn write_fd(&self) -> RawFd {
+        self.wr.as_raw_fd()
     }
 
     /// One non-blocking splice of up to `len` bytes (which must be in the pipe) out to `fd`.
@@ -91,8 +115,7 @@ impl Pipe {
         debug_assert!(len <= self.fill());
         let flags = if more { libc::SPLICE_F_MORE } else { 0 };
         let n = splice(self.rd.as_raw_fd(), fd, len, flags)?;
-        self.fill.fetch_sub(n, Ordering::AcqRel);
-        self.drained.notify_one();
+        self.emptied(n);
         Ok(n)
     }
 }
@@ -129,7 +152,13 @@ pub enum SpliceIn {
 }
 
 /// Move up to `len` bytes the socket has (at least one, waiting for them) into `pipe`.
-pub async fn splice_from(tcp: &TcpStream, pipe: &Pipe, len: usize) -> io::Result<SpliceIn> {
+/// `ring`: the socket's descriptor for the io_uring backend, which then does the moving.
+pub async fn splice_from(
+    tcp: &TcpStream,
+    ring: Option<&SockFd>,
+    pipe: &Arc<Pipe>,
+    len: usize,
+) -> io::Result<SpliceIn> {
     let fd = tcp.as_raw_fd();
     let done = |n| {
         if n == 0 {
@@ -144,6 +173,22 @@ pub async fn splice_from(tcp: &TcpStream, pipe: &Pipe, len: usize) -> io::Result
             return Ok(SpliceIn::Full);
         }
         let want = len.min(room);
+        if let Some(ring) = ring {
+            match uring::splice(ring, pipe, Dir::In, want, false).await {
+                Ok(n) => {
+                    pipe.filled(n);
+                    return Ok(done(n));
+                }
+                // With bytes in the pipe, out of slots; else a spurious wake-up.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if pipe.fill() > 0 {
+                        return Ok(SpliceIn::Full);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         tcp.readable().await?;
         if pipe.fill() > 0 {
             // "Would block" is ambiguous here (empty socket or pipe out of slots): keep the
@@ -162,9 +207,31 @@ pub async fn splice_from(tcp: &TcpStream, pipe: &Pipe, len: usize) -> io::Result
 }
 
 /// Move exactly `len` bytes, which are in `pipe`, to the socket, waiting for it to take them.
-/// `more`: the caller has further payload ready right after these bytes.
-pub async fn splice_to(tcp: &TcpStream, pipe: &Pipe, mut len: usize, more: bool) -> io::Result<()> {
+/// `more`: the caller has further payload ready right after these bytes. `ring`: as for
+/// [`splice_from`].
+pub async fn splice_to(
+    tcp: &TcpStream,
+    ring: Option<&SockFd>,
+    pipe: &Arc<Pipe>,
+    mut len: usize,
+    more: bool,
+) -> io::Result<()> {
     let fd = tcp.as_raw_fd();
+    if let Some(ring) = ring {
+        while len > 0 {
+            debug_assert!(len <= pipe.fill());
+            match uring::splice(ring, pipe, Dir::Out, len, more).await {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    pipe.emptied(n);
+                    len -= n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(());
+    }
     while len > 0 {
         tcp.writable().await?;
         match tcp.try_io(Interest::WRITABLE, || pipe.splice_out(fd, len, more)) {
@@ -230,14 +297,14 @@ mod tests {
             let pipe = pipe.clone();
             async move {
                 while let Some(n) = rx.recv().await {
-                    splice_to(&a_out, &pipe, n, false).await.unwrap();
+                    splice_to(&a_out, None, &pipe, n, false).await.unwrap();
                 }
                 drop(a_out);
             }
         });
         let (mut moved, mut full) = (0, 0);
         loop {
-            let n = match splice_from(&b_in, &pipe, 1 << 20).await.unwrap() {
+            let n = match splice_from(&b_in, None, &pipe, 1 << 20).await.unwrap() {
                 SpliceIn::Moved(n) => n,
                 SpliceIn::Eof => break,
                 SpliceIn::Full => {

@@ -26,6 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use super::drain::{Drain, Open};
 use super::pipe::{self, Pipe, SpliceIn};
 use super::queue;
+use super::uring::SockFd;
 use super::{CONN_QUEUE_FRAMES, READ_BUF, RelayError, SESSION_WRITE_BUDGET, UpstreamConn};
 use crate::metrics::SessionMetrics;
 use crate::proto::{ConnId, Event, HEADROOM, PortForwardProtocol};
@@ -72,7 +73,10 @@ impl Default for SessionOptions {
             half_close_quiet: super::DEFAULT_HALF_CLOSE_QUIET,
             stalls: None,
             metrics: SessionMetrics::default(),
-            splice: super::data_plane() == super::DataPlane::Epoll,
+            splice: matches!(
+                super::data_plane(),
+                super::DataPlane::Epoll | super::DataPlane::Uring
+            ),
             drain: None,
         }
     }
@@ -258,16 +262,25 @@ impl Session {
                 if self.shared.opts.splice && self.proto().read_hint(&[]).is_some() =>
             {
                 self.shared.splice.store(true, Ordering::Release);
+                // The io_uring backend moves this socket's bytes through the ring; a socket
+                // that cannot be duplicated for it stays on epoll.
+                let ring = match super::data_plane() {
+                    super::DataPlane::Uring => SockFd::dup(&tcp).ok(),
+                    _ => None,
+                };
                 let tcp = Arc::new(tcp);
                 let s = self.clone();
                 let rd = tcp.clone();
+                let rd_ring = ring.clone();
                 tokio::spawn(async move {
-                    let res = s.read_loop_spliced(&rd, prefix, incoming_tx).await;
+                    let res = s
+                        .read_loop_spliced(&rd, rd_ring.as_ref(), prefix, incoming_tx)
+                        .await;
                     s.die(res.err().unwrap_or(RelayError::UpstreamClosed));
                 });
                 let s = self.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = s.write_loop(TcpWriter(tcp), out_rx).await {
+                    if let Err(e) = s.write_loop(TcpWriter(tcp, ring), out_rx).await {
                         s.die(e);
                     }
                     s.shared.written_out.send_replace(true);
@@ -488,7 +501,7 @@ impl Session {
 
     /// Payload may move with splice on this session (see [`SessionOptions::splice`]).
     pub fn can_splice(&self) -> bool {
-        self.shared.splice.load(Ordering::Acquire)
+        self.shared.splice.load(Ordering::Acquire) && super::splice_payloads()
     }
 
     /// Send the `len` bytes at the front of `pipe` on `conn` (spliced from the local socket).
@@ -683,10 +696,12 @@ impl Session {
     async fn read_loop_spliced(
         &self,
         tcp: &TcpStream,
+        ring: Option<&SockFd>,
         prefix: Bytes,
         incoming: mpsc::Sender<Incoming>,
     ) -> Result<(), RelayError> {
         let mut dead = self.watch_dead();
+        let splice = super::splice_payloads();
         let mut buf = BytesMut::with_capacity(4096);
         buf.extend_from_slice(&prefix);
         loop {
@@ -696,11 +711,12 @@ impl Session {
                 false => None,
             };
             if let Some((conn, left)) = moving
+                && splice
                 && left >= super::SPLICE_MIN
                 && let Some(pipe) = self.down_pipe(conn)
             {
                 let n = tokio::select! {
-                    n = pipe::splice_from(tcp, &pipe, left) => n?,
+                    n = pipe::splice_from(tcp, ring, &pipe, left) => n?,
                     _ = dead.changed() => return Ok(()),
                 };
                 let n = match n {
@@ -732,19 +748,23 @@ impl Session {
                 self.deliver(conn, Inbound::Piped { pipe, len: n }).await;
                 continue;
             }
-            let want = self
-                .proto()
-                .read_hint(&buf)
-                .unwrap_or(READ_BUF)
-                .clamp(1, READ_BUF);
+            let want = match splice {
+                true => self
+                    .proto()
+                    .read_hint(&buf)
+                    .unwrap_or(READ_BUF)
+                    .clamp(1, READ_BUF),
+                // Copying: as much as one read gives.
+                false => READ_BUF,
+            };
             buf.reserve(want);
             let n = tokio::select! {
-                n = recv_into(tcp, &mut buf, want) => n?,
+                n = recv_into(tcp, ring, &mut buf, want) => n?,
                 _ = dead.changed() => {
                     if self.shared.closing.load(Ordering::Acquire) {
                         let _ = tokio::time::timeout(super::LINGER, async {
                             let mut sink = BytesMut::with_capacity(16 * 1024);
-                            while let Ok(n) = recv_into(tcp, &mut sink, 16 * 1024).await {
+                            while let Ok(n) = recv_into(tcp, ring, &mut sink, 16 * 1024).await {
                                 if n == 0 {
                                     break;
                                 }
@@ -977,22 +997,23 @@ impl FrameWriter for StreamWriter {
 }
 
 /// A plain TCP upstream: frames leave with `sendmsg`, a spliced payload right behind its
-/// header (which is sent with `MSG_MORE`, so both leave in the same segments).
-struct TcpWriter(Arc<TcpStream>);
+/// header (which is sent with `MSG_MORE`, so both leave in the same segments). With the
+/// io_uring backend, through the ring.
+struct TcpWriter(Arc<TcpStream>, Option<SockFd>);
 
 impl FrameWriter for TcpWriter {
     async fn write_frames(&mut self, batch: &[Frame]) -> std::io::Result<()> {
-        let tcp = &*self.0;
+        let (tcp, ring) = (&*self.0, self.1.as_ref());
         let mut start = 0;
         for (i, f) in batch.iter().enumerate() {
             if let Some((pipe, len)) = &f.tail {
-                send_all(tcp, &batch[start..=i], true).await?;
+                send_all(tcp, ring, &batch[start..=i], true).await?;
                 let more = i + 1 < batch.len();
-                pipe::splice_to(tcp, pipe, *len, more).await?;
+                pipe::splice_to(tcp, ring, pipe, *len, more).await?;
                 start = i + 1;
             }
         }
-        send_all(tcp, &batch[start..], false).await
+        send_all(tcp, ring, &batch[start..], false).await
     }
 
     async fn shutdown(&mut self) {
@@ -1001,7 +1022,12 @@ impl FrameWriter for TcpWriter {
 }
 
 /// `sendmsg` every frame's bytes (not their tails), up to 64 per call.
-async fn send_all(tcp: &TcpStream, frames: &[Frame], more: bool) -> std::io::Result<()> {
+async fn send_all(
+    tcp: &TcpStream,
+    ring: Option<&SockFd>,
+    frames: &[Frame],
+    more: bool,
+) -> std::io::Result<()> {
     let (mut i, mut off) = (0, 0);
     loop {
         while i < frames.len() && frames[i].bytes.len() == off {
@@ -1014,36 +1040,29 @@ async fn send_all(tcp: &TcpStream, frames: &[Frame], more: bool) -> std::io::Res
         let k = (frames.len() - i).min(64);
         let last = i + k == frames.len();
         let flags = libc::MSG_NOSIGNAL | if more || !last { libc::MSG_MORE } else { 0 };
-        tcp.writable().await?;
-        let sent = tcp.try_io(Interest::WRITABLE, || {
-            let mut iov = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; 64];
-            for (j, f) in frames[i..i + k].iter().enumerate() {
-                let b = if j == 0 {
-                    &f.bytes[off..]
-                } else {
-                    &f.bytes[..]
-                };
-                iov[j] = libc::iovec {
-                    iov_base: b.as_ptr() as *mut libc::c_void,
-                    iov_len: b.len(),
-                };
+        let sent = match ring {
+            // The ring's sendmsg owns its buffers (cheap clones of the frames).
+            Some(ring) => {
+                let bufs = frames[i..i + k]
+                    .iter()
+                    .enumerate()
+                    .map(|(j, f)| {
+                        if j == 0 {
+                            f.bytes.slice(off..)
+                        } else {
+                            f.bytes.clone()
+                        }
+                    })
+                    .collect();
+                super::uring::sendmsg(ring, bufs, flags).await
             }
-            // Safety: a zeroed msghdr is valid (no name, no control data); `iov` points at
-            // `k` live slices of `frames`, which outlive this call.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = iov.as_mut_ptr();
-            msg.msg_iovlen = k;
-            // Safety: a valid socket and the msghdr above; the kernel only reads the buffers.
-            let n = unsafe { libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(tcp), &msg, flags) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
+            None => {
+                tcp.writable().await?;
+                tcp.try_io(Interest::WRITABLE, || {
+                    sendmsg(tcp, &frames[i..i + k], off, flags)
+                })
             }
-        });
+        };
         let mut n = match sent {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
@@ -1064,8 +1083,47 @@ async fn send_all(tcp: &TcpStream, frames: &[Frame], more: bool) -> std::io::Res
     }
 }
 
-/// Receive up to `max` bytes into the spare capacity of `buf`.
-async fn recv_into(tcp: &TcpStream, buf: &mut BytesMut, max: usize) -> std::io::Result<usize> {
+/// One non-blocking `sendmsg` of `frames` (the first from `off`).
+fn sendmsg(tcp: &TcpStream, frames: &[Frame], off: usize, flags: i32) -> std::io::Result<usize> {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 64];
+    for (j, f) in frames.iter().take(64).enumerate() {
+        let b = if j == 0 {
+            &f.bytes[off..]
+        } else {
+            &f.bytes[..]
+        };
+        iov[j] = libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        };
+    }
+    // Safety: a zeroed msghdr is valid (no name, no control data); `iov` points at live
+    // slices of `frames`, which outlive this call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = frames.len().min(64);
+    // Safety: a valid socket and the msghdr above; the kernel only reads the buffers.
+    let n = unsafe { libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(tcp), &msg, flags) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Receive up to `max` bytes into the spare capacity of `buf` (through the ring, if given).
+async fn recv_into(
+    tcp: &TcpStream,
+    ring: Option<&SockFd>,
+    buf: &mut BytesMut,
+    max: usize,
+) -> std::io::Result<usize> {
+    if let Some(ring) = ring {
+        return super::uring::recv(ring, buf, max).await;
+    }
     buf.reserve(max);
     loop {
         tcp.readable().await?;
