@@ -9,8 +9,8 @@
 //!
 //! Groups are named `relay/<backend>`, with `<protocol>/<direction>` inside. The data plane
 //! is a [`Backend`]: `epoll` (splice between plain TCP sockets) and `copy` (read/write through
-//! user memory), both on tokio's epoll reactor. An io_uring data plane is one more entry in
-//! [`backends`].
+//! user memory), both on tokio's epoll reactor, and `uring` (receives and sends on an io_uring
+//! ring per thread; `uring-splice` when `RINGFWD_URING_SPLICE=1`).
 //!
 //! The load (client and targets) and the system under test (serve and forwarder) each run on
 //! a runtime of their own, as they would in separate processes.
@@ -74,15 +74,21 @@ trait Backend {
     fn start(&mut self, protocol: Protocol, targets: TargetPorts) -> Entry;
 }
 
-/// A data plane on tokio's epoll reactor, splicing or copying.
+/// A data plane: tokio's epoll reactor splicing or copying, or io_uring rings.
 struct Tokio {
     rt: Runtime,
     splice: bool,
+    ring: bool,
 }
 
 impl Backend for Tokio {
     fn name(&self) -> &'static str {
-        if self.splice { "epoll" } else { "copy" }
+        match (self.ring, self.splice) {
+            (true, _) if ringfwd::relay::uring_splices() => "uring-splice",
+            (true, _) => "uring",
+            (false, true) => "epoll",
+            (false, false) => "copy",
+        }
     }
 
     fn start(&mut self, protocol: Protocol, targets: TargetPorts) -> Entry {
@@ -92,6 +98,7 @@ impl Backend for Tokio {
                 .expect("serve: bind");
             let session = SessionOptions {
                 splice: self.splice,
+                ring: self.ring,
                 ..SessionOptions::default()
             };
             let opts = SessionOptions {
@@ -130,12 +137,22 @@ fn backends() -> Vec<Box<dyn Backend>> {
         out.push(Box::new(Tokio {
             rt: runtime("sut-epoll"),
             splice: true,
+            ring: false,
         }));
     }
     out.push(Box::new(Tokio {
         rt: runtime("sut-copy"),
         splice: false,
+        ring: false,
     }));
+    match ringfwd::relay::uring::available() {
+        Ok(()) => out.push(Box::new(Tokio {
+            rt: runtime("sut-uring"),
+            splice: true,
+            ring: true,
+        })),
+        Err(why) => eprintln!("relay/uring skipped: {why}"),
+    }
     out
 }
 

@@ -139,18 +139,15 @@ impl From<Box<dyn UpstreamIo>> for UpstreamConn {
     }
 }
 
-/// Whether payload moves with splice where it can (plain TCP upstreams): always on `epoll`.
-/// On `uring` only with `RINGFWD_URING_SPLICE=1`: the ring runs every splice in a kernel
-/// worker thread (io_uring forces splice async), a thread hop per frame that costs more than
-/// the copy it saves, so by default the ring receives and sends payload through user memory
-/// (measured in perf/2026-12-02-uring.md).
-pub fn splice_payloads() -> bool {
+/// Whether the io_uring backend splices payload to and from plain TCP upstreams: only with
+/// `RINGFWD_URING_SPLICE=1`. The ring runs every splice in a kernel worker thread (io_uring
+/// forces splice async), a thread hop per frame that costs more than the copy it saves, so by
+/// default the ring receives and sends payload through user memory (measured in
+/// perf/2026-12-02-uring.md).
+pub fn uring_splices() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| match data_plane() {
-        DataPlane::Uring => {
-            std::env::var("RINGFWD_URING_SPLICE").is_ok_and(|v| v == "1") && splice_available()
-        }
-        _ => true,
+    *ON.get_or_init(|| {
+        std::env::var("RINGFWD_URING_SPLICE").is_ok_and(|v| v == "1") && splice_available()
     })
 }
 

@@ -155,6 +155,23 @@ impl<T> Receiver<T> {
     pub fn is_empty(&self) -> bool {
         self.shared.lock().items.is_empty()
     }
+
+    /// The next item if one is queued and `take` accepts it (it stays first otherwise).
+    pub fn try_recv_if(&mut self, take: impl FnOnce(&T) -> bool) -> Option<T> {
+        let item = {
+            let mut s = self.shared.lock();
+            if !s.items.front().is_some_and(take) {
+                return None;
+            }
+            let item = s.items.pop_front();
+            if s.items.is_empty() {
+                s.items = VecDeque::new();
+            }
+            item
+        };
+        self.shared.to_senders.notify_one();
+        item
+    }
 }
 
 impl<T> Drop for Receiver<T> {
@@ -173,6 +190,17 @@ impl<T> Drop for Receiver<T> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn try_recv_if_takes_only_what_it_accepts() {
+        let (tx, mut rx) = channel(4);
+        assert_eq!(rx.try_recv_if(|_| true), None);
+        tx.try_send(1).unwrap();
+        tx.try_send(2).unwrap();
+        assert_eq!(rx.try_recv_if(|v| *v == 2), None);
+        assert_eq!(rx.try_recv_if(|v| *v == 1), Some(1));
+        assert_eq!(rx.recv().await, Some(2));
+    }
 
     #[tokio::test]
     async fn in_order_then_none_once_senders_are_gone() {

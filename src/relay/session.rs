@@ -58,6 +58,11 @@ pub struct SessionOptions {
     /// (SPDY to a stream server); otherwise, or when off, payload is copied through user
     /// memory. Defaults to whether this kernel (and seccomp profile) allows splice.
     pub splice: bool,
+    /// Move the bytes of the upstream socket and of every local socket relayed on this session
+    /// through this thread's io_uring ring (the `uring` data plane) instead of tokio's epoll
+    /// reactor. Only plain TCP upstreams go through the ring; payload is then spliced only if
+    /// [`super::uring_splices`]. Defaults to whether the process runs the `uring` data plane.
+    pub ring: bool,
     /// The process's graceful shutdown: the session's connections are counted in it and
     /// reset when it cuts them, and the session is closed with a GOAWAY at its end.
     pub drain: Option<Drain>,
@@ -77,6 +82,7 @@ impl Default for SessionOptions {
                 super::data_plane(),
                 super::DataPlane::Epoll | super::DataPlane::Uring
             ),
+            ring: super::data_plane() == super::DataPlane::Uring,
             drain: None,
         }
     }
@@ -136,6 +142,9 @@ struct Shared {
     released: tokio::sync::Notify,
     dead: watch::Sender<Option<Arc<str>>>,
     retiring: AtomicBool,
+    /// A plain TCP upstream's socket (owned by the reader and writer tasks), to see a peer
+    /// that hung up before the reader has noticed.
+    upstream: std::sync::OnceLock<std::sync::Weak<TcpStream>>,
     /// We ended the session ourselves (GOAWAY / close frame sent): the reader drains what the
     /// peer still sends instead of closing under it, so our last frames are not lost to a TCP
     /// reset (closing a socket with unread input resets it and discards unsent output).
@@ -236,6 +245,7 @@ impl Session {
             started: Instant::now(),
             max_payload,
             splice: AtomicBool::new(false),
+            upstream: std::sync::OnceLock::new(),
             written_out: watch::channel(false).0,
             opts,
         });
@@ -264,11 +274,12 @@ impl Session {
                 self.shared.splice.store(true, Ordering::Release);
                 // The io_uring backend moves this socket's bytes through the ring; a socket
                 // that cannot be duplicated for it stays on epoll.
-                let ring = match super::data_plane() {
-                    super::DataPlane::Uring => SockFd::dup(&tcp).ok(),
-                    _ => None,
+                let ring = match self.shared.opts.ring {
+                    true => SockFd::dup(&tcp).ok(),
+                    false => None,
                 };
                 let tcp = Arc::new(tcp);
+                let _ = self.shared.upstream.set(Arc::downgrade(&tcp));
                 let s = self.clone();
                 let rd = tcp.clone();
                 let rd_ring = ring.clone();
@@ -397,7 +408,33 @@ impl Session {
 
     /// Usable for new connections: alive and not retired.
     pub fn is_usable(&self) -> bool {
-        self.dead_reason().is_none() && !self.shared.retiring.load(Ordering::Acquire)
+        self.dead_reason().is_none()
+            && !self.shared.retiring.load(Ordering::Acquire)
+            && !self.upstream_hung_up()
+    }
+
+    /// The upstream socket has seen the peer's end of file or a reset that the reader has not
+    /// acted on yet (it runs as a task; on the io_uring plane its receive completes through
+    /// the ring's reaper). A connection handed to such a session would be lost with it, so a
+    /// pool must not pick it (seen: a network cut ended two pooled sessions, and the next
+    /// connection was put on the one whose reader had not run yet).
+    fn upstream_hung_up(&self) -> bool {
+        let Some(tcp) = self
+            .shared
+            .upstream
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+        else {
+            return false;
+        };
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&*tcp),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // Safety: one valid pollfd, and a zero timeout (the call does not wait).
+        let ready = unsafe { libc::poll(&mut p, 1, 0) };
+        ready == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
     /// Take no new connections on this session; it ends when the last one is released.
@@ -499,9 +536,15 @@ impl Session {
         Ok(())
     }
 
+    /// Local sockets relayed on this session move their bytes through the io_uring ring.
+    pub fn uses_ring(&self) -> bool {
+        self.shared.opts.ring
+    }
+
     /// Payload may move with splice on this session (see [`SessionOptions::splice`]).
     pub fn can_splice(&self) -> bool {
-        self.shared.splice.load(Ordering::Acquire) && super::splice_payloads()
+        self.shared.splice.load(Ordering::Acquire)
+            && (!self.shared.opts.ring || super::uring_splices())
     }
 
     /// Send the `len` bytes at the front of `pipe` on `conn` (spliced from the local socket).
@@ -701,7 +744,7 @@ impl Session {
         incoming: mpsc::Sender<Incoming>,
     ) -> Result<(), RelayError> {
         let mut dead = self.watch_dead();
-        let splice = super::splice_payloads();
+        let splice = ring.is_none() || super::uring_splices();
         let mut buf = BytesMut::with_capacity(4096);
         buf.extend_from_slice(&prefix);
         loop {
@@ -1253,8 +1296,10 @@ mod tests {
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (srv, _) = l.accept().await.unwrap();
         let stalls = Arc::new(watch::channel(0usize).0);
+        // The epoll splice path (the ring copies payload by default).
         let opts = SessionOptions {
             splice: true,
+            ring: false,
             ..SessionOptions::default()
         };
         let (client, _) = Session::start(

@@ -21,6 +21,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
@@ -76,20 +77,29 @@ struct Inner {
 /// One io_uring instance (one per worker thread, see [`Ring::current`]).
 pub struct Ring {
     inner: Mutex<Inner>,
+    /// The reaper task still runs (it ends with its tokio runtime).
+    reaping: Arc<AtomicBool>,
 }
 
 thread_local! {
-    static RING: std::cell::OnceCell<Result<Arc<Ring>, io::ErrorKind>> = const { std::cell::OnceCell::new() };
+    static RING: std::cell::RefCell<Option<Arc<Ring>>> = const { std::cell::RefCell::new(None) };
 }
 
 impl Ring {
     /// This thread's ring, set up on first use (with its reaper task on the current tokio
-    /// runtime).
+    /// runtime). A thread that outlives its runtime (a test, `block_on` after `block_on`)
+    /// gets a new ring whose reaper runs on the current one.
     pub fn current() -> io::Result<Arc<Ring>> {
         RING.with(|r| {
-            r.get_or_init(|| Ring::setup().map_err(|e| e.kind()))
-                .clone()
-                .map_err(|k| io::Error::new(k, "cannot set up an io_uring ring"))
+            let mut r = r.borrow_mut();
+            match &*r {
+                Some(ring) if ring.reaping.load(Ordering::Acquire) => Ok(ring.clone()),
+                _ => {
+                    let ring = Ring::setup()?;
+                    *r = Some(ring.clone());
+                    Ok(ring)
+                }
+            }
         })
     }
 
@@ -113,12 +123,22 @@ impl Ring {
                 free: Vec::new(),
                 skip_success,
             }),
+            reaping: Arc::new(AtomicBool::new(true)),
         });
+        /// Marks the ring unreaped when the reaper task ends or is dropped with its runtime.
+        struct Reaping(Arc<AtomicBool>);
+        impl Drop for Reaping {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let reaping = Reaping(ring.reaping.clone());
         // Safety: an OwnedFd returns the same open descriptor for as long as it lives, and
         // the AsyncFd owns it.
         let efd = unsafe { AsyncFd::register(efd) }.map_err(|e| io::Error::other(e.to_string()))?;
         let weak = Arc::downgrade(&ring);
         tokio::spawn(async move {
+            let _reaping = reaping;
             loop {
                 let Ok(mut ready) = efd.readable().await else {
                     return;
@@ -353,6 +373,13 @@ impl<T: Send + 'static> Drop for Op<T> {
         // A failed cancel submission only means the operation runs to its (harmless) end;
         // its slot keeps everything alive until then.
         let _ = inner.push(&cancels);
+        // Most cancels complete inside that submit: free their slots (and close the socket
+        // duplicates they hold) now, not when the reaper next runs.
+        let wakers = inner.reap();
+        drop(inner);
+        for w in wakers {
+            w.wake();
+        }
     }
 }
 
@@ -622,6 +649,37 @@ mod tests {
             .filter(|s| !matches!(s, Slot::Free))
             .count();
         assert!(busy <= 1, "{busy} slots still held after the cancels");
+    }
+
+    /// A thread whose runtime ended gets a ring reaped on its next runtime: a receive that
+    /// has to wait for its data still completes.
+    #[test]
+    fn a_ring_follows_the_runtime_of_its_thread() {
+        if let Err(e) = available() {
+            return eprintln!("io_uring not available here: {e}");
+        }
+        for round in 0..3 {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (mut a, b) = pair().await;
+                let fb = SockFd::dup(&b).unwrap();
+                let waiting = tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    recv(&fb, &mut buf, 64).await.unwrap();
+                    buf
+                });
+                tokio::task::yield_now().await;
+                a.write_all(b"x").await.unwrap();
+                let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+                    .await
+                    .unwrap_or_else(|_| panic!("round {round}: the receive was never reaped"))
+                    .unwrap();
+                assert_eq!(&got[..], b"x");
+            });
+        }
     }
 
     /// Splice through a pipe both ways, each behind its poll: socket → pipe → socket.
