@@ -152,6 +152,9 @@ fn micros_since(base: Instant) -> u64 {
     base.elapsed().as_micros() as u64
 }
 
+// Every open connection keeps this future for its whole life, idle or not: the futures of
+// the bulk paths (splices, batched writes, the ring's sends) are boxed when they run, so that
+// only the small interactive ones (a read, a DATA frame, a write) are part of its size.
 async fn relay<B: Send>(
     session: &Session,
     mut tcp: TcpStream,
@@ -211,16 +214,23 @@ async fn relay<B: Send>(
                             .map_err(ConnOutcome::Local)?;
                     }
                 } else if bulk {
-                    rd.as_ref().readable().await.map_err(ConnOutcome::Local)?;
+                    // (poll functions, not tokio's `readable()`/`peek()` futures: those are
+                    // 150-230 bytes that every idle connection would carry.)
+                    std::future::poll_fn(|cx| rd.as_ref().poll_read_ready(cx))
+                        .await
+                        .map_err(ConnOutcome::Local)?;
                 } else {
                     // Wait for bytes (or the end) to be there before a buffer is: readiness
                     // alone can be spurious (tokio reports a new socket ready at first), and
                     // a read that then finds nothing would wait holding 64 KiB. Seen as
                     // 2,863 of 3,000 idle connections holding one.
-                    rd.as_ref()
-                        .peek(&mut [0u8; 1])
-                        .await
-                        .map_err(ConnOutcome::Local)?;
+                    let mut one = [0u8; 1];
+                    std::future::poll_fn(|cx| {
+                        rd.as_ref()
+                            .poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut one))
+                    })
+                    .await
+                    .map_err(ConnOutcome::Local)?;
                 }
                 let n = if bulk && session.can_splice() {
                     let p = match &pipe {
@@ -229,7 +239,7 @@ async fn relay<B: Send>(
                             .insert(Arc::new(Pipe::new().map_err(ConnOutcome::Local)?))
                             .clone(),
                     };
-                    let n = match pipe::splice_from(rd.as_ref(), ring, &p, max)
+                    let n = match Box::pin(pipe::splice_from(rd.as_ref(), ring, &p, max))
                         .await
                         .map_err(ConnOutcome::Local)?
                     {
@@ -245,8 +255,7 @@ async fn relay<B: Send>(
                     if n > 0 {
                         stats.add_up(n);
                         up_pending.store(true, Relaxed);
-                        session
-                            .send_spliced(conn, &p, n)
+                        Box::pin(session.send_spliced(conn, &p, n))
                             .await
                             .map_err(ConnOutcome::Upstream)?;
                         up_pending.store(false, Relaxed);
@@ -289,7 +298,7 @@ async fn relay<B: Send>(
                     }
                     drop(busy.take());
                     if hold_fin && !eof_seen.load(Relaxed) {
-                        hold_while_sending(session, base, &last_down, &eof_notify).await;
+                        Box::pin(hold_while_sending(session, base, &last_down, &eof_notify)).await;
                     }
                     if !wire_half_close && side == Side::Client {
                         // Nothing can carry the half-close: the server has gone quiet (or
@@ -313,7 +322,7 @@ async fn relay<B: Send>(
                             None => {
                                 let n = b.len();
                                 match ring {
-                                    Some(ring) => send_all(ring, b).await,
+                                    Some(ring) => Box::pin(send_all(ring, b)).await,
                                     None => wr.write_all(&b).await,
                                 }
                                 .map_err(ConnOutcome::Local)?;
@@ -330,7 +339,7 @@ async fn relay<B: Send>(
                                     n += b.len();
                                     batch.push(b);
                                 }
-                                write_batch(&mut wr, ring, batch)
+                                Box::pin(write_batch(&mut wr, ring, batch))
                                     .await
                                     .map_err(ConnOutcome::Local)?;
                                 n
@@ -349,7 +358,7 @@ async fn relay<B: Send>(
                             }
                         }
                         let more = !inbound.is_empty();
-                        pipe::splice_to(wr.as_ref(), ring, &pipe, len, more)
+                        Box::pin(pipe::splice_to(wr.as_ref(), ring, &pipe, len, more))
                             .await
                             .map_err(ConnOutcome::Local)?;
                         stats.add_down(len);

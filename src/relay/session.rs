@@ -1126,6 +1126,17 @@ async fn send_all(
     }
 }
 
+/// Whether the socket has something to read (or an end, or an error) right now.
+fn readable_now(tcp: &TcpStream) -> bool {
+    let mut p = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(tcp),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Safety: one valid pollfd, and a zero timeout (the call does not wait).
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
+}
+
 /// One non-blocking `sendmsg` of `frames` (the first from `off`).
 fn sendmsg(tcp: &TcpStream, frames: &[Frame], off: usize, flags: i32) -> std::io::Result<usize> {
     let mut iov = [libc::iovec {
@@ -1165,6 +1176,12 @@ async fn recv_into(
     max: usize,
 ) -> std::io::Result<usize> {
     if let Some(ring) = ring {
+        if buf.is_empty() && !readable_now(tcp) {
+            // An idle session waits holding no buffer (the ring's receive would hold
+            // `max` bytes of it for as long as the peer is quiet).
+            *buf = BytesMut::new();
+            super::uring::poll(ring, libc::POLLIN as u32).await?;
+        }
         return super::uring::recv(ring, buf, max).await;
     }
     buf.reserve(max);
