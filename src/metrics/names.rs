@@ -7,7 +7,7 @@
 //!
 //! Labels are bounded: `forward` (one per forward a process runs: its name or target),
 //! `direction` (`up`: from the local client towards the pod; `down`: towards the local client),
-//! `protocol` (`spdy`, `websocket`, `tunnel`), `data_plane` (`epoll`, `copy`), `outcome` and `error`
+//! `protocol` (`spdy`, `websocket`, `tunnel`), `data_plane` (`epoll`, `copy`, `uring`), `outcome` and `error`
 //! and `reason` (the fixed sets [`OUTCOMES`], [`SESSION_ERRORS`] and [`TARGET_REASONS`]). Never a
 //! per-connection label.
 
