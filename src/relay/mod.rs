@@ -249,15 +249,22 @@ impl RelayError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn sockets_get_keepalive_and_nodelay() {
+    /// Two ends of a loopback TCP connection (client, server).
+    pub(crate) async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
             .await
             .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn sockets_get_keepalive_and_nodelay() {
+        let (c, _s) = pair().await;
         let s = socket2::SockRef::from(&c);
         assert!(!s.keepalive().unwrap());
         tune_socket(&c);

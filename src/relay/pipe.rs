@@ -259,15 +259,8 @@ pub fn available() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::tests::pair;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
-    }
 
     /// Bytes go socket → pipe → socket unchanged and in order, the fill count follows them,
     /// and a producer facing a full pipe waits for the consumer instead of failing.

@@ -431,43 +431,69 @@ pub async fn poll(fd: &SockFd, events: u32) -> io::Result<u32> {
 /// Receive up to `max` bytes into the spare capacity of `buf` (grown to fit); the bytes are
 /// appended. The receive owns a split-off tail of `buf`'s allocation while in flight.
 pub async fn recv(fd: &SockFd, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
-    buf.reserve(max);
-    let len = buf.len();
-    let tail = buf.split_off(len);
-    // Safety: the receive writes into the start of `tail`'s spare capacity (at least `max`
-    // bytes), owned by the operation until its completion; nothing else writes there (`buf`
-    // ends before it).
-    let op = unsafe {
-        ring()?.start((fd.clone(), tail), |(k, tail), ud, _| {
-            vec![
-                opcode::Recv::new(k.raw(), tail.as_ptr().cast_mut(), max as u32)
-                    .build()
-                    .user_data(ud),
-            ]
-        })
-    };
-    let (res, (_, mut tail)) = op.await;
-    let n = res? as usize;
-    // Safety: the kernel wrote `n` bytes at the start of the tail.
-    unsafe { tail.set_len(n) };
-    buf.unsplit(tail);
-    Ok(n)
+    loop {
+        buf.reserve(max);
+        let len = buf.len();
+        let tail = buf.split_off(len);
+        // `buf` ends where `tail` starts: nothing but the receive writes into `tail`.
+        // Safety: the receive writes into `tail`'s spare capacity (at least `max` bytes), which
+        // the operation owns until its completion.
+        let op = unsafe {
+            ring()?.start((fd.clone(), tail), |(k, tail), ud, _| {
+                vec![
+                    opcode::Recv::new(k.raw(), tail.as_ptr().cast_mut(), max as u32)
+                        .build()
+                        .user_data(ud),
+                ]
+            })
+        };
+        let (res, (_, mut tail)) = op.await;
+        match res {
+            Ok(n) => {
+                // Safety: the kernel wrote `n` bytes at the start of the tail.
+                unsafe { tail.set_len(n as usize) };
+                buf.unsplit(tail);
+                return Ok(n as usize);
+            }
+            Err(e) => {
+                buf.unsplit(tail);
+                wait_or_fail(fd, e, libc::POLLIN).await?;
+            }
+        }
+    }
 }
 
-/// One `send` of `bytes` with `flags` (MSG_NOSIGNAL is added); how many bytes it took.
+/// The socket is non-blocking (tokio's, shared through the `dup`), and io_uring respects
+/// that: an operation that would block completes with EAGAIN instead of waiting (seen on a
+/// full local socket: a send failed a transfer with "Resource temporarily unavailable"). Wait
+/// for the socket on the ring, then the caller tries again; any other error is returned.
+async fn wait_or_fail(fd: &SockFd, e: io::Error, events: i16) -> io::Result<()> {
+    if e.kind() != io::ErrorKind::WouldBlock {
+        return Err(e);
+    }
+    poll(fd, events as u32).await.map(|_| ())
+}
+
+/// One `send` of `bytes` with `flags` (MSG_NOSIGNAL is added), waiting for room; how many
+/// bytes it took.
 pub async fn send(fd: &SockFd, bytes: Bytes, flags: i32) -> io::Result<usize> {
-    // Safety: the send reads `bytes`, owned by the operation until its completion.
-    let op = unsafe {
-        ring()?.start((fd.clone(), bytes), |(k, b), ud, _| {
-            vec![
-                opcode::Send::new(k.raw(), b.as_ptr(), b.len() as u32)
-                    .flags(flags | libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(ud),
-            ]
-        })
-    };
-    op.await.0.map(|n| n as usize)
+    loop {
+        // Safety: the send reads `bytes`, owned by the operation until its completion.
+        let op = unsafe {
+            ring()?.start((fd.clone(), bytes.clone()), |(k, b), ud, _| {
+                vec![
+                    opcode::Send::new(k.raw(), b.as_ptr(), b.len() as u32)
+                        .flags(flags | libc::MSG_NOSIGNAL)
+                        .build()
+                        .user_data(ud),
+                ]
+            })
+        };
+        match op.await.0 {
+            Ok(n) => return Ok(n as usize),
+            Err(e) => wait_or_fail(fd, e, libc::POLLOUT).await?,
+        }
+    }
 }
 
 /// The buffers and headers of one `sendmsg`, at a fixed heap address.
@@ -482,8 +508,18 @@ struct Gather {
 // owns; moving it to another thread moves their owner with them.
 unsafe impl Send for Gather {}
 
-/// One `sendmsg` of `bufs` in order (MSG_NOSIGNAL is added); how many bytes it took.
+/// One `sendmsg` of `bufs` in order (MSG_NOSIGNAL is added), waiting for room; how many
+/// bytes it took.
 pub async fn sendmsg(fd: &SockFd, bufs: Vec<Bytes>, flags: i32) -> io::Result<usize> {
+    loop {
+        match sendmsg_once(fd, bufs.clone(), flags).await {
+            Ok(n) => return Ok(n),
+            Err(e) => wait_or_fail(fd, e, libc::POLLOUT).await?,
+        }
+    }
+}
+
+async fn sendmsg_once(fd: &SockFd, bufs: Vec<Bytes>, flags: i32) -> io::Result<usize> {
     let mut g = Box::new(Gather {
         iov: bufs
             .iter()
@@ -566,15 +602,8 @@ pub async fn splice(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::tests::pair;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
-    }
 
     /// Receive and send go through the ring: bytes arrive intact, a receive waits for data
     /// that is not there yet, and `recv` appends after what the buffer already held.
@@ -614,6 +643,38 @@ mod tests {
         drop(b);
         drop(fb);
         assert_eq!(a.read(&mut got).await.unwrap(), 0, "socket stayed open");
+    }
+
+    /// tokio's sockets are non-blocking and io_uring respects that: a receive on an empty
+    /// socket and a send into a full one must wait for the socket, not fail with EAGAIN.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn operations_wait_on_a_non_blocking_socket() {
+        if let Err(e) = available() {
+            return eprintln!("io_uring not available here: {e}");
+        }
+        let short = std::time::Duration::from_millis(200);
+        let (mut a, b) = pair().await;
+        let fb = SockFd::dup(&b).unwrap();
+        let mut buf = BytesMut::new();
+        let r = tokio::time::timeout(short, recv(&fb, &mut buf, 64)).await;
+        assert!(r.is_err(), "a receive on an empty socket ended: {r:?}");
+        // Nobody reads `a`: the send fills both socket buffers and must then wait.
+        let chunk = Bytes::from(vec![7u8; 1 << 20]);
+        let mut sent = 0usize;
+        let filled = tokio::time::timeout(short * 5, async {
+            loop {
+                sent += send(&fb, chunk.clone(), 0).await.unwrap();
+            }
+        })
+        .await;
+        assert!(filled.is_err());
+        assert!(sent > 0);
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; sent];
+            a.read_exact(&mut got).await.unwrap();
+            got.iter().all(|&x| x == 7)
+        });
+        assert!(reader.await.unwrap(), "bytes changed on the way");
     }
 
     /// Receives dropped while in flight (the way a reset connection drops them) are cancelled:
