@@ -103,6 +103,18 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The run failed with exactly one line: an error that names each of `words`.
+fn refused(out: Output, words: &[&str]) {
+    let se = text(&out.stderr);
+    assert!(!out.status.success(), "{se}");
+    let lines: Vec<&str> = se.trim().lines().collect();
+    assert_eq!(lines.len(), 1, "{se}");
+    assert!(
+        lines[0].starts_with("error: ") && words.iter().all(|w| lines[0].contains(w)),
+        "{se}"
+    );
+}
+
 #[test]
 fn auto_uses_splice_where_allowed() {
     let out = bench("auto", None);
@@ -130,16 +142,9 @@ fn auto_falls_back_to_copy_when_splice_is_forbidden() {
 
 #[test]
 fn epoll_is_refused_when_splice_is_forbidden() {
-    let out = bench("epoll", SPLICE);
-    let se = text(&out.stderr);
-    assert!(!out.status.success(), "{se}");
-    let lines: Vec<&str> = se.trim().lines().collect();
-    assert_eq!(lines.len(), 1, "{se}");
-    assert!(
-        lines[0].starts_with("error: ")
-            && lines[0].contains("needs splice(2)")
-            && lines[0].contains("--data-plane copy"),
-        "{se}"
+    refused(
+        bench("epoll", SPLICE),
+        &["needs splice(2)", "--data-plane copy"],
     );
 }
 
@@ -162,16 +167,9 @@ fn uring_moves_the_bytes() {
 
 #[test]
 fn uring_is_refused_when_io_uring_is_forbidden() {
-    let out = bench("uring", IO_URING);
-    let se = text(&out.stderr);
-    assert!(!out.status.success(), "{se}");
-    let lines: Vec<&str> = se.trim().lines().collect();
-    assert_eq!(lines.len(), 1, "{se}");
-    assert!(
-        lines[0].starts_with("error: ")
-            && lines[0].contains("io_uring_setup")
-            && lines[0].contains("--data-plane epoll"),
-        "{se}"
+    refused(
+        bench("uring", IO_URING),
+        &["io_uring_setup", "--data-plane epoll"],
     );
 }
 

@@ -262,6 +262,30 @@ pub(crate) mod tests {
         (c, s)
     }
 
+    /// Write `data` into `into` and then end it; read `out` to its end. Join the first, and
+    /// the second returns what it read.
+    pub(crate) fn send_and_collect(
+        mut into: tokio::net::TcpStream,
+        mut out: tokio::net::TcpStream,
+        data: &[u8],
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        tokio::task::JoinHandle<Vec<u8>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let data = data.to_vec();
+        let writer = tokio::spawn(async move {
+            into.write_all(&data).await.unwrap();
+            into.shutdown().await.unwrap();
+        });
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            out.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        (writer, reader)
+    }
+
     #[tokio::test]
     async fn sockets_get_keepalive_and_nodelay() {
         let (c, _s) = pair().await;

@@ -260,31 +260,19 @@ pub fn available() -> bool {
 mod tests {
     use super::*;
     use crate::relay::tests::pair;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Bytes go socket → pipe → socket unchanged and in order, the fill count follows them,
     /// and a producer facing a full pipe waits for the consumer instead of failing.
     #[tokio::test]
     async fn payload_crosses_a_pipe_unchanged() {
         assert!(available());
-        let (mut a_in, b_in) = pair().await;
-        let (a_out, mut b_out) = pair().await;
+        let (a_in, b_in) = pair().await;
+        let (a_out, b_out) = pair().await;
         let pipe = std::sync::Arc::new(Pipe::new().unwrap());
         assert!(pipe.cap >= 64 * 1024);
         let total = 8 << 20;
         let data: Vec<u8> = (0..total).map(|i| (i * 7 % 251) as u8).collect();
-        let writer = tokio::spawn({
-            let data = data.clone();
-            async move {
-                a_in.write_all(&data).await.unwrap();
-                a_in.shutdown().await.unwrap();
-            }
-        });
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            b_out.read_to_end(&mut got).await.unwrap();
-            got
-        });
+        let (writer, reader) = crate::relay::tests::send_and_collect(a_in, b_out, &data);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
         let consumer = tokio::spawn({
             let pipe = pipe.clone();

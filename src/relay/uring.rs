@@ -749,23 +749,12 @@ mod tests {
         if let Err(e) = available() {
             return eprintln!("io_uring not available here: {e}");
         }
-        let (mut a_in, b_in) = pair().await;
-        let (a_out, mut b_out) = pair().await;
+        let (a_in, b_in) = pair().await;
+        let (a_out, b_out) = pair().await;
         let (fin, fout) = (SockFd::dup(&b_in).unwrap(), SockFd::dup(&a_out).unwrap());
         let pipe = Arc::new(Pipe::new().unwrap());
         let data: Vec<u8> = (0..4 << 20).map(|i| (i * 13 % 251) as u8).collect();
-        let writer = tokio::spawn({
-            let data = data.clone();
-            async move {
-                a_in.write_all(&data).await.unwrap();
-                a_in.shutdown().await.unwrap();
-            }
-        });
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            b_out.read_to_end(&mut got).await.unwrap();
-            got
-        });
+        let (writer, reader) = crate::relay::tests::send_and_collect(a_in, b_out, &data);
         loop {
             let n = match splice(&fin, &pipe, Dir::In, 64 * 1024, false).await {
                 Ok(0) => break,
