@@ -9,6 +9,8 @@
 # echo server and an endless source inside the pod), runs `BIN forward --runtime-endpoint ...`
 # for each binary in turn and measures it with perf/isolation.py. Prints one JSON line per
 # binary. CHURN_RATE and CHURN_SECONDS (default 1000 and 30) set the churn phase.
+# ECHO_HOPS=N (default 0) adds N runs of perf/echo_hops.py per binary (needs tcpdump): where an
+# echo beside a bulk download waits, hop by hop. ISOLATION=0 skips perf/isolation.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: $0 RINGFWD_BIN [RINGFWD_BIN ...]" >&2; exit 2; }
@@ -54,8 +56,14 @@ for spec in "$@"; do
   done
   e=$(grep -e "-> $echo\$" "$work/fwd.out" | head -1 | awk '{print $3}')
   s=$(grep -e "-> $source\$" "$work/fwd.out" | head -1 | awk '{print $3}')
-  res=$(python3 perf/isolation.py "$e" "$s" --churn-rate "${CHURN_RATE:-1000}" \
-    --churn-seconds "${CHURN_SECONDS:-30}")
-  echo "{\"binary\": \"$spec\", \"results\": $res}"
+  if [ "${ISOLATION:-1}" != 0 ]; then
+    res=$(python3 perf/isolation.py "$e" "$s" --churn-rate "${CHURN_RATE:-1000}" \
+      --churn-seconds "${CHURN_SECONDS:-30}")
+    echo "{\"binary\": \"$spec\", \"results\": $res}"
+  fi
+  for _ in $(seq "${ECHO_HOPS:-0}"); do
+    res=$(python3 perf/echo_hops.py "$e" "$s" --netns "$netns" --echo-port "$echo")
+    echo "{\"binary\": \"$spec\", \"echo_hops\": $res}"
+  done
   kill "$fwd_pid"; wait "$fwd_pid" 2>/dev/null || true; fwd_pid=
 done
