@@ -605,7 +605,7 @@ def machine():
         "kernel": os.uname().release,
         "commit": run("git", "rev-parse", "--short", "HEAD") + ("-dirty" if dirty else ""),
         "ringfwd": run(RINGFWD, "--version"),
-        "socat": run("socat", "-V").splitlines()[1] if run("socat", "-V") else "?",
+        "socat": (run("socat", "-V").splitlines() + ["?", "?"])[1],  # "?" when absent
         "containerd": run("containerd", "--version"),
         "python": sys.version.split()[0],
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
