@@ -205,13 +205,29 @@ async fn relay<B: Send>(
                 {
                     pipe = None;
                 }
+                // Spliceable or not, a bulk sender's reads are as large as frames allow.
+                let limit = if session.can_splice() {
+                    SMALL_READ
+                } else {
+                    max
+                };
+                // What a receive into one of the ring's provided buffers got.
+                let mut pooled = None;
                 if let Some(ring) = ring {
-                    // A bulk read waits in its own receive or splice; between messages,
-                    // a poll waits and holds no buffer.
+                    // A bulk read waits in its own receive or splice; between messages, a
+                    // receive waits holding no buffer (the kernel picks one of the ring's
+                    // when bytes arrive), or a poll does when the ring has none to give.
                     if !bulk {
-                        uring::poll(ring, libc::POLLIN as u32)
-                            .await
-                            .map_err(ConnOutcome::Local)?;
+                        let recv = uring::recv_pooled(ring, limit).map_err(ConnOutcome::Local)?;
+                        pooled = match recv.await.map_err(ConnOutcome::Local)? {
+                            uring::Pooled::NoBuffer => None,
+                            got => Some(got),
+                        };
+                        if pooled.is_none() {
+                            uring::poll(ring, libc::POLLIN as u32)
+                                .await
+                                .map_err(ConnOutcome::Local)?;
+                        }
                     }
                 } else if bulk {
                     // (poll functions, not tokio's `readable()`/`peek()` futures: those are
@@ -261,13 +277,25 @@ async fn relay<B: Send>(
                         up_pending.store(false, Relaxed);
                     }
                     n
-                } else {
-                    // Spliceable or not, a bulk sender's reads are as large as frames allow.
-                    let limit = if session.can_splice() {
-                        SMALL_READ
-                    } else {
-                        max
+                } else if let Some(got) = pooled {
+                    let b = match got {
+                        uring::Pooled::Data(b) => Some(b),
+                        _ => None,
                     };
+                    let n = b.as_ref().map_or(0, |b| b.len());
+                    bulk = n == limit.min(uring::POOL_BUF_LEN);
+                    if let Some(b) = b {
+                        stats.add_up(n);
+                        up_pending.store(true, Relaxed);
+                        // Boxed: the buffer would otherwise take room in every idle
+                        // connection's future twice over.
+                        Box::pin(session.send_pooled(conn, b))
+                            .await
+                            .map_err(ConnOutcome::Upstream)?;
+                        up_pending.store(false, Relaxed);
+                    }
+                    n
+                } else {
                     buf.clear();
                     buf.reserve(HEADROOM + limit);
                     buf.put_bytes(0, HEADROOM);

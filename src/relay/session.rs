@@ -29,7 +29,7 @@ use super::queue;
 use super::uring::SockFd;
 use super::{CONN_QUEUE_FRAMES, READ_BUF, RelayError, SESSION_WRITE_BUDGET, UpstreamConn};
 use crate::metrics::SessionMetrics;
-use crate::proto::{ConnId, Event, HEADROOM, PortForwardProtocol};
+use crate::proto::{ConnId, Event, HEADROOM, PortForwardProtocol, ProtoError};
 
 /// How a session behaves; the defaults suit a forward to a cluster.
 #[derive(Debug, Clone)]
@@ -512,19 +512,50 @@ impl Session {
     /// capacity stays with the caller for the next read).
     pub async fn send_data(&self, conn: ConnId, buf: &mut BytesMut) -> Result<(), RelayError> {
         let len = buf.len() - HEADROOM;
-        let permit = self
-            .shared
-            .budget
-            .clone()
-            .acquire_many_owned(len as u32)
-            .await
-            .map_err(|_| RelayError::SessionClosed)?;
+        let permit = (self.payload_permit(len).await).map_err(|_| RelayError::SessionClosed)?;
+        self.frame_and_queue(permit, |p| {
+            let off = p.frame_data(conn, &mut buf[..], len)?;
+            Ok(buf.split().freeze().slice(off..))
+        })
+    }
+
+    /// [`send_data`](Self::send_data) for bytes the ring received into one of its provided
+    /// buffers: framed in the buffer's headroom, which goes back to the ring once written.
+    pub async fn send_pooled(
+        &self,
+        conn: ConnId,
+        mut buf: super::uring::PoolBuf,
+    ) -> Result<(), RelayError> {
+        let len = buf.len();
+        let permit = (self.payload_permit(len).await).map_err(|_| RelayError::SessionClosed)?;
+        self.frame_and_queue(permit, move |p| {
+            let off = p.frame_data(conn, buf.framed_mut(), len)?;
+            Ok(Bytes::from_owner(buf).slice(off..))
+        })
+    }
+
+    /// Room for `len` payload bytes in the session's budget (the semaphore's own future, not
+    /// an async fn around it: one less layer in every connection's future).
+    fn payload_permit(
+        &self,
+        len: usize,
+    ) -> impl Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + use<> {
+        self.shared.budget.clone().acquire_many_owned(len as u32)
+    }
+
+    /// Queue the DATA frame `frame` makes, with the protocol lock held (so frames keep the
+    /// protocol's order). Not async: the callers' futures stay small (every idle connection
+    /// carries one).
+    fn frame_and_queue(
+        &self,
+        permit: OwnedSemaphorePermit,
+        frame: impl FnOnce(&mut Box<dyn PortForwardProtocol>) -> Result<Bytes, ProtoError>,
+    ) -> Result<(), RelayError> {
         let mut p = self.proto();
         if self.dead_reason().is_some() {
             return Err(RelayError::SessionClosed);
         }
-        let off = p.frame_data(conn, &mut buf[..], len)?;
-        let bytes = buf.split().freeze().slice(off..);
+        let bytes = frame(&mut p)?;
         self.shared
             .out
             .send(Frame {
@@ -567,7 +598,7 @@ impl Session {
             return Err(RelayError::SessionClosed);
         }
         let Some(bytes) = p.payload_header(conn, len)? else {
-            return Err(RelayError::Proto(crate::proto::ProtoError::Unsupported(
+            return Err(RelayError::Proto(ProtoError::Unsupported(
                 "spliced payload",
             )));
         };

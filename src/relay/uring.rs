@@ -10,6 +10,13 @@
 //! that into its slot in the ring, asks the kernel to cancel, and the slot frees it only when
 //! the completion comes back.
 //!
+//! A quiet local connection waits in a receive that holds no buffer: each ring registers a
+//! small ring of provided buffers with the kernel, which takes one only when bytes arrive
+//! ([`recv_pooled`]); the bytes are framed in place in the buffer's headroom and it goes back
+//! to the ring when the frame has been written. One operation per message instead of a poll
+//! and then a receive. (Receives on tokio's non-blocking sockets do wait on this kernel;
+//! an EAGAIN would be answered with a poll, as for the other operations.)
+//!
 //! Completions are reaped in three places: right after each submission (most socket operations
 //! complete inline, so the future is ready on its first poll), when a waiting future is polled,
 //! and by a reaper task that sleeps on an eventfd registered with the ring (tokio's epoll
@@ -26,10 +33,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use tokio::io::unix::AsyncFd;
 
 use super::pipe::Pipe;
+use crate::proto::HEADROOM;
 
 /// Submission queue entries per ring; the completion queue is [`CQ_ENTRIES`] (and the kernel
 /// keeps overflowing completions instead of dropping them).
@@ -61,22 +69,26 @@ enum Slot {
     Free,
     /// In flight; the waker of the future waiting for it.
     Waiting(Option<Waker>),
-    /// Completed with this result; the future has not taken it yet.
-    Done(i32),
+    /// Completed with this result and these completion flags; the future has not taken it yet.
+    Done(i32, u32),
     /// In flight, its future gone: what the kernel may still use, freed at the completion.
     Abandoned(#[allow(dead_code)] Box<dyn Any + Send>),
 }
 
 struct Inner {
+    // Dropped before `pool`: the kernel lets go of the buffers with the ring.
     uring: IoUring,
     slots: Vec<Slot>,
     free: Vec<usize>,
     skip_success: bool,
+    pool: Option<Arc<Pool>>,
 }
 
 /// One io_uring instance (one per worker thread, see [`Ring::current`]).
 pub struct Ring {
     inner: Mutex<Inner>,
+    /// The provided buffers of [`recv_pooled`] (`None` where the kernel cannot register them).
+    pool: Option<Arc<Pool>>,
     /// The reaper task still runs (it ends with its tokio runtime).
     reaping: Arc<AtomicBool>,
 }
@@ -116,12 +128,16 @@ impl Ring {
         // Safety: eventfd just returned this descriptor and nothing else owns it.
         let efd = unsafe { OwnedFd::from_raw_fd(efd) };
         uring.submitter().register_eventfd(efd.as_raw_fd())?;
+        // Without provided buffers (kernels before 5.19) receives use their own buffers.
+        let pool = Pool::register(&uring).ok().map(Arc::new);
         let ring = Arc::new(Ring {
+            pool: pool.clone(),
             inner: Mutex::new(Inner {
                 uring,
                 slots: Vec::new(),
                 free: Vec::new(),
                 skip_success,
+                pool,
             }),
             reaping: Arc::new(AtomicBool::new(true)),
         });
@@ -192,7 +208,7 @@ impl Ring {
             let sqes = entries(&keep, slot as u64, skip);
             let pushed = inner.push(&sqes);
             if let Err(e) = pushed {
-                inner.slots[slot] = Slot::Done(-e.raw_os_error().unwrap_or(libc::EIO));
+                inner.slots[slot] = Slot::Done(-e.raw_os_error().unwrap_or(libc::EIO), 0);
             }
             (slot, inner.reap())
         };
@@ -256,21 +272,30 @@ impl Inner {
             if ud == IGNORE || ud & LINK_HEAD != 0 {
                 continue;
             }
-            done.push((ud as usize, cqe.result()));
+            done.push((ud as usize, cqe.result(), cqe.flags()));
         }
-        for (slot, res) in done {
-            match std::mem::replace(&mut self.slots[slot], Slot::Done(res)) {
+        for (slot, res, flags) in done {
+            match std::mem::replace(&mut self.slots[slot], Slot::Done(res, flags)) {
                 Slot::Waiting(w) => wakers.extend(w),
                 Slot::Abandoned(_) => {
+                    self.give_back(flags);
                     self.slots[slot] = Slot::Free;
                     self.free.push(slot);
                 }
-                Slot::Free | Slot::Done(_) => {
+                Slot::Free | Slot::Done(..) => {
                     debug_assert!(false, "completion for slot {slot} that was not in flight")
                 }
             }
         }
         wakers
+    }
+
+    /// A completion nobody takes: the provided buffer it names (if any) goes back.
+    fn give_back(&self, flags: u32) {
+        if let (Some(bid), Some(pool)) = (cqueue::buffer_select(flags), &self.pool) {
+            pool.available.fetch_sub(1, Ordering::Relaxed);
+            pool.give_back(bid);
+        }
     }
 }
 
@@ -296,6 +321,8 @@ impl Drop for Inner {
         }
         if in_flight(&self.slots) {
             std::mem::forget(std::mem::take(&mut self.slots));
+            // A receive still in flight may yet pick one of the provided buffers.
+            std::mem::forget(self.pool.take());
         }
     }
 }
@@ -311,12 +338,23 @@ pub struct Op<T: Send + 'static> {
 impl<T: Send + Unpin + 'static> Future for Op<T> {
     type Output = (io::Result<u32>, T);
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.poll_flags(cx).map(|(r, _, keep)| (r, keep))
+    }
+}
+
+impl<T: Send + Unpin + 'static> Op<T> {
+    /// The result, the completion's flags (which provided buffer it filled) and what the
+    /// operation kept.
+    fn poll_flags(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<(io::Result<u32>, u32, T)> {
         let (res, wakers) = {
             let mut inner = self.ring.inner.lock().unwrap();
             let wakers = inner.reap();
             let res = match &mut inner.slots[self.slot] {
-                Slot::Done(r) => Some(*r),
+                Slot::Done(r, f) => Some((*r, *f)),
                 Slot::Waiting(w) => {
                     match w {
                         Some(w) if w.will_wake(cx.waker()) => {}
@@ -337,14 +375,14 @@ impl<T: Send + Unpin + 'static> Future for Op<T> {
             w.wake();
         }
         match res {
-            Some(r) => {
+            Some((r, flags)) => {
                 let keep = self.keep.take().expect("polled after completion");
                 let r = if r < 0 {
                     Err(io::Error::from_raw_os_error(-r))
                 } else {
                     Ok(r as u32)
                 };
-                Poll::Ready((r, keep))
+                Poll::Ready((r, flags, keep))
             }
             None => Poll::Pending,
         }
@@ -355,7 +393,8 @@ impl<T: Send + 'static> Drop for Op<T> {
     fn drop(&mut self) {
         let Some(keep) = self.keep.take() else { return };
         let mut inner = self.ring.inner.lock().unwrap();
-        if let Slot::Done(_) = inner.slots[self.slot] {
+        if let Slot::Done(_, flags) = inner.slots[self.slot] {
+            inner.give_back(flags);
             inner.slots[self.slot] = Slot::Free;
             inner.free.push(self.slot);
             return;
@@ -460,6 +499,237 @@ pub async fn recv(fd: &SockFd, buf: &mut BytesMut, max: usize) -> io::Result<usi
                 wait_or_fail(fd, e, libc::POLLIN).await?;
             }
         }
+    }
+}
+
+/// Provided buffers per ring (a power of two) and the payload room of each. A receive that
+/// waits for a quiet client holds none of them: the kernel takes one from the ring when bytes
+/// arrive. Small, because they serve the interactive case: a receive that fills one marks
+/// the client as sending in bulk, and bulk receives use a buffer of their own as large as a
+/// frame. 64 x 16 KiB is 1 MiB per worker thread, touched only as far as it is used.
+const POOL_BUFS: u16 = 64;
+pub const POOL_BUF_LEN: usize = 16 * 1024;
+const POOL_GROUP: u16 = 0;
+/// Each buffer keeps [`HEADROOM`] free in front of where the kernel writes, so that the frame
+/// header goes in front of the payload in place.
+const POOL_STRIDE: usize = HEADROOM + POOL_BUF_LEN;
+
+/// A buffer ring registered with one io_uring: [`POOL_BUFS`] buffers the kernel picks from
+/// for [`recv_pooled`], each given back (to the ring's tail) when its [`PoolBuf`] is dropped.
+struct Pool {
+    /// The ring of buffer descriptors the kernel reads (page aligned, shared with it).
+    entries: *mut types::BufRingEntry,
+    entries_layout: std::alloc::Layout,
+    /// The buffers themselves, [`POOL_STRIDE`] bytes apart.
+    mem: *mut u8,
+    mem_layout: std::alloc::Layout,
+    /// Our copy of the ring's tail; the lock orders givers on different threads.
+    tail: Mutex<u16>,
+    /// Buffers in the ring (for tests and the buffer-leak check).
+    available: std::sync::atomic::AtomicUsize,
+}
+
+// Safety: the raw pointers are to allocations this value owns; the descriptor ring is only
+// written under the `tail` lock, and a buffer's bytes only by whoever holds its id (the
+// kernel until the completion, then one PoolBuf).
+unsafe impl Send for Pool {}
+unsafe impl Sync for Pool {}
+
+impl Pool {
+    fn register(uring: &IoUring) -> io::Result<Pool> {
+        let entries_layout = std::alloc::Layout::from_size_align(
+            POOL_BUFS as usize * std::mem::size_of::<types::BufRingEntry>(),
+            4096,
+        )
+        .map_err(io::Error::other)?;
+        let mem_layout = std::alloc::Layout::from_size_align(POOL_BUFS as usize * POOL_STRIDE, 64)
+            .map_err(io::Error::other)?;
+        // Safety: both layouts have a non-zero size; null results are checked.
+        let (entries, mem) = unsafe {
+            (
+                std::alloc::alloc_zeroed(entries_layout).cast::<types::BufRingEntry>(),
+                std::alloc::alloc(mem_layout),
+            )
+        };
+        let pool = Pool {
+            entries,
+            entries_layout,
+            mem,
+            mem_layout,
+            tail: Mutex::new(0),
+            available: Default::default(),
+        };
+        if entries.is_null() || mem.is_null() {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
+        for bid in 0..POOL_BUFS {
+            pool.give_back(bid);
+        }
+        // Safety: `entries` is a page-aligned ring of POOL_BUFS descriptors that lives as long
+        // as this Pool, which the ring's Inner keeps until the ring is gone.
+        unsafe {
+            uring.submitter().register_buf_ring_with_flags(
+                entries as u64,
+                POOL_BUFS,
+                POOL_GROUP,
+                0,
+            )?
+        };
+        Ok(pool)
+    }
+
+    fn give_back(&self, bid: u16) {
+        let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        // Safety: the index is masked into the ring; at most POOL_BUFS ids exist, so the slot
+        // written is one the kernel has already consumed. The buffer address is inside `mem`.
+        unsafe {
+            let e = &mut *self.entries.add((*tail & (POOL_BUFS - 1)) as usize);
+            e.set_addr(self.mem.add(bid as usize * POOL_STRIDE + HEADROOM) as u64);
+            e.set_len(POOL_BUF_LEN as u32);
+            e.set_bid(bid);
+            *tail = tail.wrapping_add(1);
+            let shared =
+                types::BufRingEntry::tail(self.entries).cast::<std::sync::atomic::AtomicU16>();
+            (*shared).store(*tail, Ordering::Release);
+        }
+        self.available.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Safety: allocated in `register` with these layouts; the ring that could write into
+        // them is gone (Inner drops its IoUring first, or leaks this Pool).
+        unsafe {
+            std::alloc::dealloc(self.entries.cast(), self.entries_layout);
+            std::alloc::dealloc(self.mem, self.mem_layout);
+        }
+    }
+}
+
+/// One provided buffer a receive filled: `len` bytes after [`HEADROOM`] free bytes. Goes
+/// back to its ring when dropped (as `Bytes::from_owner`, when the last slice of it is).
+pub struct PoolBuf {
+    pool: Arc<Pool>,
+    bid: u16,
+    len: u32,
+}
+
+impl PoolBuf {
+    /// Bytes received.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Never true for a buffer [`recv_pooled`] returns (an end of file is [`Pooled::Eof`]).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The headroom and the bytes received, to frame in place.
+    pub fn framed_mut(&mut self) -> &mut [u8] {
+        // Safety: this PoolBuf holds the buffer's id, so nothing else reads or writes it; the
+        // range is inside the buffer.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.pool.mem.add(self.bid as usize * POOL_STRIDE),
+                HEADROOM + self.len as usize,
+            )
+        }
+    }
+}
+
+impl AsRef<[u8]> for PoolBuf {
+    fn as_ref(&self) -> &[u8] {
+        // Safety: as in `framed_mut`.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.pool.mem.add(self.bid as usize * POOL_STRIDE),
+                HEADROOM + self.len as usize,
+            )
+        }
+    }
+}
+
+impl Drop for PoolBuf {
+    fn drop(&mut self) {
+        self.pool.give_back(self.bid);
+    }
+}
+
+/// What [`recv_pooled`] got.
+pub enum Pooled {
+    Data(PoolBuf),
+    /// The peer's end of file.
+    Eof,
+    /// Nothing received: this ring has no provided buffer now (all are out, or none could be
+    /// registered), or the receive would have blocked. Wait for the socket and receive into a
+    /// buffer of your own.
+    NoBuffer,
+}
+
+/// Start a receive of up to `max` bytes (at most [`POOL_BUF_LEN`]) that waits without holding
+/// a buffer: the kernel takes one from this thread's ring when bytes arrive. The future is
+/// small (an idle connection waits in it).
+pub fn recv_pooled(fd: &SockFd, max: usize) -> io::Result<PooledRecv> {
+    let ring = ring()?;
+    if ring.pool.is_none() {
+        return Ok(PooledRecv(None));
+    }
+    let max = max.min(POOL_BUF_LEN) as u32;
+    // Safety: the entry points at no memory of ours (the kernel writes into a registered
+    // buffer it picks, which the PoolBuf built from the completion then owns); `keep` holds
+    // the descriptor open.
+    let op = unsafe {
+        ring.start(fd.clone(), |k, ud, _| {
+            vec![
+                opcode::Recv::new(k.raw(), std::ptr::null_mut(), max)
+                    .buf_group(POOL_GROUP)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+                    .user_data(ud),
+            ]
+        })
+    };
+    Ok(PooledRecv(Some(op)))
+}
+
+/// A receive started by [`recv_pooled`]. Dropped before it completes, it is cancelled; a
+/// buffer the kernel filled meanwhile goes back to the ring.
+pub struct PooledRecv(Option<Op<SockFd>>);
+
+impl Future for PooledRecv {
+    type Output = io::Result<Pooled>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(op) = self.0.as_mut() else {
+            return Poll::Ready(Ok(Pooled::NoBuffer));
+        };
+        let (res, flags, _) = std::task::ready!(Pin::new(&mut *op).poll_flags(cx));
+        let pool = op
+            .ring
+            .pool
+            .clone()
+            .expect("a pooled receive's ring has a pool");
+        let buf = cqueue::buffer_select(flags).map(|bid| {
+            pool.available.fetch_sub(1, Ordering::Relaxed);
+            PoolBuf { pool, bid, len: 0 }
+        });
+        Poll::Ready(match (res, buf) {
+            (Ok(0), _) => Ok(Pooled::Eof),
+            (Ok(n), Some(mut buf)) => {
+                buf.len = n;
+                Ok(Pooled::Data(buf))
+            }
+            (Ok(_), None) => Err(io::Error::other("io_uring receive named no buffer")),
+            (Err(e), _)
+                if e.raw_os_error() == Some(libc::ENOBUFS)
+                    || e.kind() == io::ErrorKind::WouldBlock =>
+            {
+                Ok(Pooled::NoBuffer)
+            }
+            (Err(e), _) => Err(e),
+        })
     }
 }
 
@@ -643,6 +913,112 @@ mod tests {
         drop(b);
         drop(fb);
         assert_eq!(a.read(&mut got).await.unwrap(), 0, "socket stayed open");
+    }
+
+    /// Buffers of this thread's ring that are in the ring (not lent to a PoolBuf or the kernel).
+    fn pool_free() -> usize {
+        let ring = Ring::current().unwrap();
+        ring.pool
+            .as_ref()
+            .expect("a provided buffer ring")
+            .available
+            .load(Ordering::Relaxed)
+    }
+
+    /// Poll `f` once (so that its entry is submitted), then hand it back.
+    async fn started<F: Future + Unpin>(mut f: F) -> F {
+        std::future::poll_fn(|cx| {
+            assert!(Pin::new(&mut f).poll(cx).is_pending(), "finished at once");
+            Poll::Ready(())
+        })
+        .await;
+        f
+    }
+
+    /// A receive into the provided buffers holds none while it waits, gets the bytes in one
+    /// with the frame headroom in front, and the buffer goes back when dropped; a cancelled
+    /// receive and an end of file give theirs back too. One thread, so one ring.
+    #[tokio::test(flavor = "current_thread")]
+    async fn pooled_receive_holds_no_buffer_while_it_waits() {
+        if let Err(e) = available() {
+            return eprintln!("io_uring not available here: {e}");
+        }
+        let (mut a, b) = pair().await;
+        let fb = SockFd::dup(&b).unwrap();
+        assert_eq!(pool_free(), POOL_BUFS as usize);
+        let waiting = started(recv_pooled(&fb, 1024).unwrap()).await;
+        assert_eq!(
+            pool_free(),
+            POOL_BUFS as usize,
+            "a waiting receive took a buffer"
+        );
+        a.write_all(b"hello").await.unwrap();
+        let Pooled::Data(mut got) = waiting.await.unwrap() else {
+            panic!("no data")
+        };
+        assert_eq!(got.len(), 5);
+        assert_eq!(&got.framed_mut()[HEADROOM..], b"hello");
+        assert_eq!(pool_free(), POOL_BUFS as usize - 1);
+        let bytes = Bytes::from_owner(got).slice(HEADROOM..);
+        assert_eq!(&bytes[..], b"hello");
+        drop(bytes);
+        assert_eq!(
+            pool_free(),
+            POOL_BUFS as usize,
+            "dropped buffer not given back"
+        );
+
+        // Cancelled while waiting: nothing taken, nothing lost.
+        for _ in 0..100 {
+            drop(started(recv_pooled(&fb, 1024).unwrap()).await);
+        }
+        assert_eq!(pool_free(), POOL_BUFS as usize);
+        a.write_all(b"x").await.unwrap();
+        assert!(
+            matches!(recv_pooled(&fb, 1024).unwrap().await.unwrap(), Pooled::Data(b) if b.len() == 1)
+        );
+        drop(a);
+        assert!(matches!(
+            recv_pooled(&fb, 1024).unwrap().await.unwrap(),
+            Pooled::Eof
+        ));
+        assert_eq!(pool_free(), POOL_BUFS as usize);
+    }
+
+    /// With every provided buffer lent out, a receive says so (and leaves the bytes in the
+    /// socket for a receive of its own); one buffer back, and pooled receives work again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn pooled_receive_with_every_buffer_out() {
+        if let Err(e) = available() {
+            return eprintln!("io_uring not available here: {e}");
+        }
+        let (mut a, b) = pair().await;
+        let fb = SockFd::dup(&b).unwrap();
+        let mut held = Vec::new();
+        for i in 0..POOL_BUFS {
+            a.write_all(&[i as u8]).await.unwrap();
+            match recv_pooled(&fb, 1).unwrap().await.unwrap() {
+                Pooled::Data(b) => held.push(b),
+                _ => panic!("receive {i} got no buffer"),
+            }
+        }
+        assert_eq!(pool_free(), 0);
+        a.write_all(b"late").await.unwrap();
+        assert!(matches!(
+            recv_pooled(&fb, 1024).unwrap().await.unwrap(),
+            Pooled::NoBuffer
+        ));
+        let mut own = BytesMut::new();
+        assert_eq!(recv(&fb, &mut own, 1024).await.unwrap(), 4);
+        assert_eq!(&own[..], b"late");
+        held.pop();
+        a.write_all(b"again").await.unwrap();
+        let Pooled::Data(mut got) = recv_pooled(&fb, 1024).unwrap().await.unwrap() else {
+            panic!("no buffer after one came back")
+        };
+        assert_eq!(&got.framed_mut()[HEADROOM..], b"again");
+        drop((got, held));
+        assert_eq!(pool_free(), POOL_BUFS as usize);
     }
 
     /// tokio's sockets are non-blocking and io_uring respects that: a receive on an empty
