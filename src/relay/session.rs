@@ -116,6 +116,10 @@ struct Frame {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// One read of a spliced session's reader while the server sends small frames: a frame of
+/// 192 KiB or more still has [`super::DOWN_SPLICE_MIN`] left after it, and is spliced.
+const SMALL_FRAMES_READ: usize = 128 * 1024;
+
 impl Frame {
     fn control(bytes: Bytes) -> Frame {
         Frame {
@@ -776,6 +780,11 @@ impl Session {
     ) -> Result<(), RelayError> {
         let mut dead = self.watch_dead();
         let splice = ring.is_none() || super::uring_splices();
+        // The server sends small frames (containerd: 32 KiB at most): read them freely and
+        // copy, as the copy plane does, instead of a header read and a splice per frame.
+        let mut small_frames = false;
+        // Part of the frame in progress was spliced (its remainder may be small: keep going).
+        let mut frame_spliced = false;
         let mut buf = BytesMut::with_capacity(4096);
         buf.extend_from_slice(&prefix);
         loop {
@@ -784,8 +793,15 @@ impl Session {
                 true => self.proto().payload_in_progress(),
                 false => None,
             };
+            match moving {
+                None => frame_spliced = false,
+                Some((_, left)) if left >= super::DOWN_SPLICE_MIN => small_frames = false,
+                Some(_) if !frame_spliced => small_frames = true,
+                Some(_) => {}
+            }
             if let Some((conn, left)) = moving
                 && splice
+                && !small_frames
                 && left >= super::SPLICE_MIN
                 && let Some(pipe) = self.down_pipe(conn)
             {
@@ -814,6 +830,7 @@ impl Session {
                     }
                 };
                 self.touch_rx();
+                frame_spliced = true;
                 {
                     let mut p = self.proto();
                     p.payload_moved(n)?;
@@ -822,14 +839,17 @@ impl Session {
                 self.deliver(conn, Inbound::Piped { pipe, len: n }).await;
                 continue;
             }
-            let want = match splice {
-                true => self
+            let want = match (splice, small_frames) {
+                (true, false) => self
                     .proto()
                     .read_hint(&buf)
                     .unwrap_or(READ_BUF)
                     .clamp(1, READ_BUF),
+                // Small frames: several per read, but never so much of a large frame that
+                // what is left of it could not be spliced (this is how a large one is seen).
+                (true, true) => SMALL_FRAMES_READ,
                 // Copying: as much as one read gives.
-                false => READ_BUF,
+                (false, _) => READ_BUF,
             };
             buf.reserve(want);
             let n = tokio::select! {
@@ -1330,6 +1350,80 @@ mod tests {
             .await
             .expect("the data never left the client");
         assert!(matches!(data, Some(Inbound::Data(b)) if &b[..] == b"hello"));
+    }
+
+    /// Splicing reader: a server that sends containerd-sized DATA frames (32 KiB) has them
+    /// copied (read several at once), and once it sends large ones (256 KiB, as `ringfwd
+    /// serve`) their payload is spliced again.
+    #[tokio::test]
+    async fn small_frames_are_copied_and_large_ones_spliced() {
+        if !crate::relay::splice_available() {
+            return eprintln!("splice not available here: skipped");
+        }
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (srv, _) = l.accept().await.unwrap();
+        let opts = SessionOptions {
+            splice: true,
+            ring: false,
+            ..SessionOptions::default()
+        };
+        let (client, _) = Session::start(
+            c,
+            Bytes::new(),
+            Box::new(SpdyPortForward::client()),
+            opts.clone(),
+        );
+        let (_server, mut incoming) =
+            Session::start(srv, Bytes::new(), Box::new(SpdyPortForward::server()), opts);
+        let (a, _a_rx) = client.open(1).unwrap();
+        let send = |size: usize, count: usize| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for _ in 0..count {
+                    let mut buf = BytesMut::zeroed(HEADROOM + size);
+                    client.send_data(a, &mut buf).await.unwrap();
+                }
+            })
+        };
+        let small = 64;
+        send(32 * 1024, small).await.unwrap();
+        let mut got = incoming.recv().await.unwrap();
+        let mut copied = 0;
+        while copied < small * 32 * 1024 {
+            match got.inbound.recv().await.unwrap() {
+                Inbound::Data(b) => copied += b.len(),
+                _ => panic!("a 32 KiB frame's payload was not copied (after {copied} bytes)"),
+            }
+        }
+        // Spliced payload goes on to a socket, as a connection's relay would send it.
+        let (sink, mut drain) = crate::relay::tests::pair().await;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 1 << 20];
+            while tokio::io::AsyncReadExt::read(&mut drain, &mut buf)
+                .await
+                .unwrap_or(0)
+                > 0
+            {}
+        });
+        let large = send(256 * 1024, 8);
+        let mut spliced = false;
+        let mut seen = 0;
+        while seen < 8 * 256 * 1024 {
+            match got.inbound.recv().await.unwrap() {
+                Inbound::Data(b) => seen += b.len(),
+                Inbound::Piped { pipe, len } => {
+                    super::super::pipe::splice_to(&sink, None, &pipe, len, false)
+                        .await
+                        .unwrap();
+                    seen += len;
+                    spliced = true;
+                }
+                _ => panic!("unexpected inbound message"),
+            }
+        }
+        large.await.unwrap();
+        assert!(spliced, "no payload of a 256 KiB frame was spliced");
     }
 
     /// Splicing server: a connection whose pipe filled up and whose relay then ended (its
