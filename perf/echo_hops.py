@@ -21,14 +21,13 @@ fell in each half-millisecond bin above 0.5 ms.
 import argparse
 import collections
 import json
-import multiprocessing
 import os
 import struct
 import subprocess
 import tempfile
 import time
 
-from isolation import addr, bulk, connect, echoes
+from isolation import addr, connect, echoes, start_bulk
 
 # Data segments only, and small ones: the echo's, not the download's.
 FILTER = "tcp and less 160 and (tcp[tcpflags] & tcp-push != 0)"
@@ -126,11 +125,7 @@ def main():
     s = connect(echo)
     echoes(s, 200)  # warm up
     caps = [capture(host_pcap), capture(pod_pcap, a.netns)]
-    stop, counter = multiprocessing.Event(), multiprocessing.Value("Q", 0)
-    dl = multiprocessing.Process(target=bulk, args=(source, stop, counter))
-    dl.start()
-    while counter.value < (64 << 20):
-        time.sleep(0.01)  # wait for the download to run at full speed
+    stop, counter, dl = start_bulk(source)
     t0, c0 = time.perf_counter(), counter.value
     client = pcts(echoes(s, a.echoes))
     gbps = (counter.value - c0) * 8 / (time.perf_counter() - t0) / 1e9

@@ -82,6 +82,17 @@ def bulk(a, stop, counter):
     s.close()
 
 
+def start_bulk(source):
+    """Start a download from `source` in its own process and return once it runs at full
+    speed: (stop event, byte counter, process)."""
+    stop, counter = multiprocessing.Event(), multiprocessing.Value("Q", 0)
+    proc = multiprocessing.Process(target=bulk, args=(source, stop, counter))
+    proc.start()
+    while counter.value < (64 << 20):
+        time.sleep(0.01)  # wait for the download to run at full speed
+    return stop, counter, proc
+
+
 def churn(a, rate, seconds, threads=16):
     ok, failed, errors = [0], [0], []
     lock = threading.Lock()
@@ -147,11 +158,7 @@ def main():
     t, f = ttfb(echo, 200)
     res["ttfb"] = dict(summary(t), failed=f)
 
-    stop, counter = multiprocessing.Event(), multiprocessing.Value("Q", 0)
-    th = multiprocessing.Process(target=bulk, args=(source, stop, counter))
-    th.start()
-    while counter.value < (64 << 20):
-        time.sleep(0.01)  # wait for the download to run at full speed
+    stop, counter, th = start_bulk(source)
     t0, c0 = time.perf_counter(), counter.value
     e = echoes(s, 2000)
     gbps = (counter.value - c0) * 8 / (time.perf_counter() - t0) / 1e9

@@ -1354,13 +1354,16 @@ mod tests {
         assert!(matches!(data, Some(Inbound::Data(b)) if &b[..] == b"hello"));
     }
 
-    /// Splicing reader: a server that sends containerd-sized DATA frames (32 KiB) has them
-    /// copied (read several at once), and once it sends large ones (256 KiB, as `ringfwd
-    /// serve`) their payload is spliced again.
-    #[tokio::test]
-    async fn small_frames_are_copied_and_large_ones_spliced() {
+    /// A client session and a splicing server session (the epoll splice path: the ring copies
+    /// payload by default) over loopback TCP; `None` (said on stderr) where splice is not
+    /// available. `stalls` goes to the server's options.
+    async fn spliced_sessions(
+        client: SpdyPortForward,
+        stalls: Option<Arc<watch::Sender<usize>>>,
+    ) -> Option<(Session, Session, mpsc::Receiver<Incoming>)> {
         if !crate::relay::splice_available() {
-            return eprintln!("splice not available here: skipped");
+            eprintln!("splice not available here: skipped");
+            return None;
         }
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -1370,14 +1373,28 @@ mod tests {
             ring: false,
             ..SessionOptions::default()
         };
-        let (client, _) = Session::start(
-            c,
+        let (client, _) = Session::start(c, Bytes::new(), Box::new(client), opts.clone());
+        let server_opts = SessionOptions { stalls, ..opts };
+        let (server, incoming) = Session::start(
+            srv,
             Bytes::new(),
-            Box::new(SpdyPortForward::client()),
-            opts.clone(),
+            Box::new(SpdyPortForward::server()),
+            server_opts,
         );
-        let (_server, mut incoming) =
-            Session::start(srv, Bytes::new(), Box::new(SpdyPortForward::server()), opts);
+        assert!(server.can_splice());
+        Some((client, server, incoming))
+    }
+
+    /// Splicing reader: a server that sends containerd-sized DATA frames (32 KiB) has them
+    /// copied (read several at once), and once it sends large ones (256 KiB, as `ringfwd
+    /// serve`) their payload is spliced again.
+    #[tokio::test]
+    async fn small_frames_are_copied_and_large_ones_spliced() {
+        let Some((client, _server, mut incoming)) =
+            spliced_sessions(SpdyPortForward::client(), None).await
+        else {
+            return;
+        };
         let (a, _a_rx) = client.open(1).unwrap();
         let send = |size: usize, count: usize| {
             let client = client.clone();
@@ -1433,36 +1450,15 @@ mod tests {
     /// and another connection on the same session still works.
     #[tokio::test]
     async fn a_released_connection_does_not_hold_the_spliced_reader() {
-        if !crate::relay::splice_available() {
-            return eprintln!("splice not available here: skipped");
-        }
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (srv, _) = l.accept().await.unwrap();
         let stalls = Arc::new(watch::channel(0usize).0);
-        // The epoll splice path (the ring copies payload by default).
-        let opts = SessionOptions {
-            splice: true,
-            ring: false,
-            ..SessionOptions::default()
+        let Some((client, server, mut incoming)) = spliced_sessions(
+            SpdyPortForward::client().with_immediate_eof(),
+            Some(stalls.clone()),
+        )
+        .await
+        else {
+            return;
         };
-        let (client, _) = Session::start(
-            c,
-            Bytes::new(),
-            Box::new(SpdyPortForward::client().with_immediate_eof()),
-            opts.clone(),
-        );
-        let server_opts = SessionOptions {
-            stalls: Some(stalls.clone()),
-            ..opts
-        };
-        let (server, mut incoming) = Session::start(
-            srv,
-            Bytes::new(),
-            Box::new(SpdyPortForward::server()),
-            server_opts,
-        );
-        assert!(server.can_splice());
         let (a, _a_rx) = client.open(1).unwrap();
         let uploader = {
             let client = client.clone();

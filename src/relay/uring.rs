@@ -677,9 +677,9 @@ pub fn recv_pooled(fd: &SockFd, max: usize) -> io::Result<PooledRecv> {
         return Ok(PooledRecv(None));
     }
     let max = max.min(POOL_BUF_LEN) as u32;
-    // Safety: the entry points at no memory of ours (the kernel writes into a registered
-    // buffer it picks, which the PoolBuf built from the completion then owns); `keep` holds
-    // the descriptor open.
+    // The kernel writes into a registered buffer it picks (owned by the PoolBuf built from
+    // the completion), and `keep` holds the descriptor open.
+    // Safety: the entry points at no memory of ours.
     let op = unsafe {
         ring.start(fd.clone(), |k, ud, _| {
             vec![
@@ -925,6 +925,18 @@ mod tests {
             .load(Ordering::Relaxed)
     }
 
+    /// A connected pair and a ring descriptor for the second socket; `None` (said on stderr)
+    /// where io_uring is not available.
+    async fn ring_pair() -> Option<(tokio::net::TcpStream, tokio::net::TcpStream, SockFd)> {
+        if let Err(e) = available() {
+            eprintln!("io_uring not available here: {e}");
+            return None;
+        }
+        let (a, b) = pair().await;
+        let fb = SockFd::dup(&b).unwrap();
+        Some((a, b, fb))
+    }
+
     /// Poll `f` once (so that its entry is submitted), then hand it back.
     async fn started<F: Future + Unpin>(mut f: F) -> F {
         std::future::poll_fn(|cx| {
@@ -940,11 +952,9 @@ mod tests {
     /// receive and an end of file give theirs back too. One thread, so one ring.
     #[tokio::test(flavor = "current_thread")]
     async fn pooled_receive_holds_no_buffer_while_it_waits() {
-        if let Err(e) = available() {
-            return eprintln!("io_uring not available here: {e}");
-        }
-        let (mut a, b) = pair().await;
-        let fb = SockFd::dup(&b).unwrap();
+        let Some((mut a, _b, fb)) = ring_pair().await else {
+            return;
+        };
         assert_eq!(pool_free(), POOL_BUFS as usize);
         let waiting = started(recv_pooled(&fb, 1024).unwrap()).await;
         assert_eq!(
@@ -989,11 +999,9 @@ mod tests {
     /// socket for a receive of its own); one buffer back, and pooled receives work again.
     #[tokio::test(flavor = "current_thread")]
     async fn pooled_receive_with_every_buffer_out() {
-        if let Err(e) = available() {
-            return eprintln!("io_uring not available here: {e}");
-        }
-        let (mut a, b) = pair().await;
-        let fb = SockFd::dup(&b).unwrap();
+        let Some((mut a, _b, fb)) = ring_pair().await else {
+            return;
+        };
         let mut held = Vec::new();
         for i in 0..POOL_BUFS {
             a.write_all(&[i as u8]).await.unwrap();
