@@ -35,9 +35,10 @@ pub enum DataPlane {
     /// `epoll` where splice(2) works, else `copy` (with one log line saying why). Never
     /// `uring`, which measured slower than `epoll` on every row (perf/2026-12-02-uring.md).
     Auto,
-    /// The epoll reactor (tokio); payload to and from plain TCP upstreams (stream servers,
-    /// `ringfwd serve`) moves with splice(2) through pipes, never through user memory. TLS and
-    /// WebSocket upstreams are copied.
+    /// The epoll reactor (tokio); bulk payload to and from plain TCP upstreams (stream servers,
+    /// `ringfwd serve`) moves with splice(2) through pipes, never through user memory; small
+    /// messages and a server's small DATA frames (containerd's) are copied, which measured
+    /// cheaper. TLS and WebSocket upstreams are copied.
     Epoll,
     /// The epoll reactor, every payload copied through user memory (what `epoll` falls back to,
     /// and a baseline to measure it against).

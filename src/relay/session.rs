@@ -772,7 +772,9 @@ impl Session {
 
     /// The reader for a plain TCP upstream: frame headers and control frames are read into
     /// `buf` (never further, see [`PortForwardProtocol::read_hint`]); a connection's payload
-    /// is spliced from the socket into its pipe and handed over as [`Inbound::Piped`].
+    /// is spliced from the socket into its pipe and handed over as [`Inbound::Piped`]. A
+    /// server that sends small frames (under [`super::DOWN_SPLICE_MIN`] left) has them read
+    /// [`SMALL_FRAMES_READ`] at a time and copied instead, until a large one shows up.
     async fn read_loop_spliced(
         &self,
         tcp: &TcpStream,
