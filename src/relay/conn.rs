@@ -165,10 +165,10 @@ async fn relay<B: Send>(
     stats: &StreamStats,
 ) -> ConnOutcome {
     super::tune_socket(&tcp);
-    // The io_uring backend moves this socket's bytes through the ring (a duplicate of the
-    // descriptor keeps the socket open for operations still in the kernel).
+    // The io_uring backend moves this socket's bytes through the ring (operations still in
+    // the kernel keep the socket open themselves; `tcp` outlives every one started here).
     let ring = match session.uses_ring() {
-        true => SockFd::dup(&tcp).ok(),
+        true => Some(SockFd::new(&tcp)),
         false => None,
     };
     let ring = ring.as_ref();

@@ -278,10 +278,10 @@ impl Session {
                 if self.shared.opts.splice && self.proto().read_hint(&[]).is_some() =>
             {
                 self.shared.splice.store(true, Ordering::Release);
-                // The io_uring backend moves this socket's bytes through the ring; a socket
-                // that cannot be duplicated for it stays on epoll.
+                // The io_uring backend moves this socket's bytes through the ring (both
+                // loops start operations only while they hold `tcp`).
                 let ring = match self.shared.opts.ring {
-                    true => SockFd::dup(&tcp).ok(),
+                    true => Some(SockFd::new(&tcp)),
                     false => None,
                 };
                 let tcp = Arc::new(tcp);

@@ -3,12 +3,19 @@
 //!
 //! This module owns the rings, the raw submission entries and the rule that makes them sound:
 //! **whatever an operation hands the kernel stays alive until its completion arrives.** An
-//! [`Op`] owns its buffer, its iovecs, its pipe and a duplicate of its socket's descriptor (so a
-//! closed socket's number, reused by another socket, can never be what a queued splice picks
-//! up: splices run later in a kernel worker, and linked entries take their file only when they
-//! run). A future dropped before its completion (a cancelled or reset connection) moves all of
-//! that into its slot in the ring, asks the kernel to cancel, and the slot frees it only when
-//! the completion comes back.
+//! [`Op`] owns its buffer, its iovecs and its pipe. A future dropped before its completion (a
+//! cancelled or reset connection) moves all of that into its slot in the ring, asks the kernel
+//! to cancel, and the slot frees it only when the completion comes back.
+//!
+//! Sockets are named by their descriptor number, not duplicated: an operation takes its own
+//! reference to the socket when the kernel issues it, and every entry is issued inside the call
+//! that queues it (the submission loop does not return with entries left in the queue, and
+//! `IORING_SETUP_SUBMIT_ALL` keeps a failed entry from holding back the ones behind it). So a
+//! closed socket's number, reused by another socket, can never be what a queued operation
+//! picks up. The one exception is a splice linked behind its poll: a linked entry takes its
+//! file only when it runs, later. Splices therefore name a duplicate, made on a connection's
+//! first splice and kept by every splice in flight ([`SockFd`]). An idle connection costs one
+//! descriptor, not two (10,000 of them fit under a 20,000 limit).
 //!
 //! A quiet local connection waits in a receive that holds no buffer: each ring registers a
 //! small ring of provided buffers with the kernel, which takes one only when bytes arrive
@@ -26,7 +33,7 @@
 use std::any::Any;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -50,18 +57,49 @@ const IGNORE: u64 = u64::MAX;
 /// completion is the operation's result (a failed head completes the rest with ECANCELED).
 const LINK_HEAD: u64 = 1 << 62;
 
-/// A socket descriptor an operation can keep open until its completion (a `dup` of the
-/// connection's socket: the same socket, closed when the last holder lets go).
+/// A connection's socket as the ring's operations name it: its descriptor number, which the
+/// owner keeps open while it starts operations through this (operations in flight hold the
+/// socket themselves, see the module docs), and, from the first splice on, a duplicate that
+/// linked splices name and keep open until their completion.
 #[derive(Clone, Debug)]
-pub struct SockFd(Arc<OwnedFd>);
+pub struct SockFd(Arc<SockFdInner>);
+
+#[derive(Debug)]
+struct SockFdInner {
+    fd: RawFd,
+    dup: OnceLock<OwnedFd>,
+}
 
 impl SockFd {
-    pub fn dup(fd: &impl AsFd) -> io::Result<SockFd> {
-        Ok(SockFd(Arc::new(fd.as_fd().try_clone_to_owned()?)))
+    /// `sock` must stay open for as long as operations are started through this handle.
+    pub fn new(sock: &impl AsRawFd) -> SockFd {
+        SockFd(Arc::new(SockFdInner {
+            fd: sock.as_raw_fd(),
+            dup: OnceLock::new(),
+        }))
     }
 
+    /// For an entry the kernel issues inside the submitting call.
     fn raw(&self) -> types::Fd {
-        types::Fd(self.0.as_raw_fd())
+        types::Fd(self.0.fd)
+    }
+
+    /// For a linked entry: the duplicate, made on first use (held by this handle's clones).
+    fn linked(&self) -> io::Result<RawFd> {
+        if let Some(fd) = self.0.dup.get() {
+            return Ok(fd.as_raw_fd());
+        }
+        // Safety: the owner keeps the socket open while it starts operations (`new`).
+        let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0.fd) };
+        let dup = sock.try_clone_to_owned()?;
+        // Another clone may have got there first: keep theirs (ours closes).
+        Ok(self.0.dup.get_or_init(|| dup).as_raw_fd())
+    }
+
+    /// Whether a linked splice made this handle duplicate its socket.
+    #[cfg(test)]
+    fn duplicated(&self) -> bool {
+        self.0.dup.get().is_some()
     }
 }
 
@@ -82,6 +120,8 @@ struct Inner {
     free: Vec<usize>,
     skip_success: bool,
     pool: Option<Arc<Pool>>,
+    /// Wakers of operations completed during a submission, for the next reap to return.
+    woken: Vec<Waker>,
 }
 
 /// One io_uring instance (one per worker thread, see [`Ring::current`]).
@@ -116,8 +156,11 @@ impl Ring {
     }
 
     fn setup() -> io::Result<Arc<Ring>> {
+        // SUBMIT_ALL: an entry the kernel refuses does not hold back the ones queued after it
+        // (which name sockets by number, see the module docs).
         let uring = IoUring::builder()
             .setup_cqsize(CQ_ENTRIES)
+            .setup_submit_all()
             .build(SQ_ENTRIES)?;
         let skip_success = uring.params().is_feature_skip_cqe_on_success();
         // Safety: eventfd has no memory arguments; a negative result is checked.
@@ -138,6 +181,7 @@ impl Ring {
                 free: Vec::new(),
                 skip_success,
                 pool,
+                woken: Vec::new(),
             }),
             reaping: Arc::new(AtomicBool::new(true)),
         });
@@ -246,26 +290,32 @@ impl Inner {
         self.submit()
     }
 
+    /// Submit what is queued, and return only when the kernel has taken all of it: entries
+    /// name sockets by number (see the module docs), so none may wait in the queue for a later
+    /// submission.
     fn submit(&mut self) -> io::Result<()> {
         loop {
             match self.uring.submit() {
-                Ok(_) => return Ok(()),
+                Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                // Completions are backed up: move them out, then submit again.
+                // Completions are backed up: move them into their slots (their futures are
+                // woken by the next reap), then submit again.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    self.uring.completion().sync();
-                    if self.uring.completion().is_empty() {
-                        return Err(e);
-                    }
-                    return Ok(());
+                    let woken = self.reap();
+                    self.woken.extend(woken);
                 }
+                // The kernel is short of memory for requests: give it a moment.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => std::thread::yield_now(),
                 Err(e) => return Err(e),
+            }
+            if self.uring.submission().is_empty() {
+                return Ok(());
             }
         }
     }
 
     fn reap(&mut self) -> Vec<Waker> {
-        let mut wakers = Vec::new();
+        let mut wakers = std::mem::take(&mut self.woken);
         let mut done = Vec::new();
         for cqe in self.uring.completion() {
             let ud = cqe.user_data();
@@ -413,7 +463,7 @@ impl<T: Send + 'static> Drop for Op<T> {
         // its slot keeps everything alive until then.
         let _ = inner.push(&cancels);
         // Most cancels complete inside that submit: free their slots (and close the socket
-        // duplicates they hold) now, not when the reaper next runs.
+        // splices' socket duplicates they hold) now, not when the reaper next runs.
         let wakers = inner.reap();
         drop(inner);
         for w in wakers {
@@ -428,7 +478,10 @@ pub fn available() -> Result<(), String> {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
     PROBE
         .get_or_init(|| {
-            let uring = IoUring::new(8).map_err(|e| format!("io_uring_setup: {e}"))?;
+            let uring: IoUring = IoUring::builder()
+                .setup_submit_all()
+                .build(8)
+                .map_err(|e| format!("io_uring_setup: {e}"))?;
             let mut probe = io_uring::Probe::new();
             uring
                 .submitter()
@@ -458,7 +511,7 @@ fn ring() -> io::Result<Arc<Ring>> {
 /// Wait until `fd` has one of `events` (poll(2) bits); the kernel's answer.
 pub async fn poll(fd: &SockFd, events: u32) -> io::Result<u32> {
     let keep = fd.clone();
-    // Safety: the entry points at no memory; `keep` holds the descriptor open.
+    // Safety: the entry points at no memory (the kernel takes the socket as it issues it).
     let op = unsafe {
         ring()?.start(keep, |k, ud, _| {
             vec![opcode::PollAdd::new(k.raw(), events).build().user_data(ud)]
@@ -678,7 +731,7 @@ pub fn recv_pooled(fd: &SockFd, max: usize) -> io::Result<PooledRecv> {
     }
     let max = max.min(POOL_BUF_LEN) as u32;
     // The kernel writes into a registered buffer it picks (owned by the PoolBuf built from
-    // the completion), and `keep` holds the descriptor open.
+    // the completion).
     // Safety: the entry points at no memory of ours.
     let op = unsafe {
         ring.start(fd.clone(), |k, ud, _| {
@@ -733,7 +786,7 @@ impl Future for PooledRecv {
     }
 }
 
-/// The socket is non-blocking (tokio's, shared through the `dup`), and io_uring respects
+/// The socket is non-blocking (tokio's, named by its descriptor), and io_uring respects
 /// that: an operation that would block completes with EAGAIN instead of waiting (seen on a
 /// full local socket: a send failed a transfer with "Resource temporarily unavailable"). Wait
 /// for the socket on the ring, then the caller tries again; any other error is returned.
@@ -838,7 +891,7 @@ pub async fn splice(
     len: usize,
     more: bool,
 ) -> io::Result<usize> {
-    let (sock, pipe_in, pipe_out) = (fd.0.as_raw_fd(), pipe.write_fd(), pipe.read_fd());
+    let (sock, pipe_in, pipe_out) = (fd.linked()?, pipe.write_fd(), pipe.read_fd());
     let (from, to, events): (RawFd, RawFd, u32) = match dir {
         Dir::In => (sock, pipe_in, libc::POLLIN as u32),
         Dir::Out => (pipe_out, sock, libc::POLLOUT as u32),
@@ -848,13 +901,13 @@ pub async fn splice(
     // Safety: no user memory; `keep` holds the socket and both pipe ends open until the
     // completion.
     let mut op = unsafe {
-        ring()?.start((fd.clone(), pipe.clone()), |(k, _), ud, skip| {
+        ring()?.start((fd.clone(), pipe.clone()), |_, ud, skip| {
             let mut head = squeue::Flags::IO_LINK;
             if skip {
                 head |= squeue::Flags::SKIP_SUCCESS;
             }
             vec![
-                opcode::PollAdd::new(k.raw(), events)
+                opcode::PollAdd::new(types::Fd(sock), events)
                     .build()
                     .flags(head)
                     .user_data(ud | LINK_HEAD),
@@ -883,7 +936,7 @@ mod tests {
             return eprintln!("io_uring not available here: {e}");
         }
         let (mut a, b) = pair().await;
-        let fb = SockFd::dup(&b).unwrap();
+        let fb = SockFd::new(&b);
         let waiting = tokio::spawn({
             let fb = fb.clone();
             async move {
@@ -933,7 +986,7 @@ mod tests {
             return None;
         }
         let (a, b) = pair().await;
-        let fb = SockFd::dup(&b).unwrap();
+        let fb = SockFd::new(&b);
         Some((a, b, fb))
     }
 
@@ -1038,7 +1091,7 @@ mod tests {
         }
         let short = std::time::Duration::from_millis(200);
         let (mut a, b) = pair().await;
-        let fb = SockFd::dup(&b).unwrap();
+        let fb = SockFd::new(&b);
         let mut buf = BytesMut::new();
         let r = tokio::time::timeout(short, recv(&fb, &mut buf, 64)).await;
         assert!(r.is_err(), "a receive on an empty socket ended: {r:?}");
@@ -1070,7 +1123,7 @@ mod tests {
             return eprintln!("io_uring not available here: {e}");
         }
         let (mut a, b) = pair().await;
-        let fb = SockFd::dup(&b).unwrap();
+        let fb = SockFd::new(&b);
         for _ in 0..1000 {
             let mut buf = BytesMut::new();
             let r = tokio::time::timeout(
@@ -1110,7 +1163,7 @@ mod tests {
                 .unwrap();
             rt.block_on(async {
                 let (mut a, b) = pair().await;
-                let fb = SockFd::dup(&b).unwrap();
+                let fb = SockFd::new(&b);
                 let waiting = tokio::spawn(async move {
                     let mut buf = BytesMut::new();
                     recv(&fb, &mut buf, 64).await.unwrap();
@@ -1127,6 +1180,52 @@ mod tests {
         }
     }
 
+    /// Receives, sends and polls name the socket by its number: only a linked splice makes
+    /// the handle duplicate it (10,000 idle connections must fit in 20,000 descriptors), and a
+    /// socket closed under a cancelled receive does not leak its number into the next one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_splices_duplicate_the_socket() {
+        if let Err(e) = available() {
+            return eprintln!("io_uring not available here: {e}");
+        }
+        let (mut a, b) = pair().await;
+        let fb = SockFd::new(&b);
+        let idle = recv_pooled(&fb, 64).unwrap();
+        let r = tokio::time::timeout(std::time::Duration::from_millis(20), idle).await;
+        assert!(r.is_err(), "a receive completed with nothing sent");
+        send(&fb, Bytes::from_static(b"ping"), 0).await.unwrap();
+        let mut got = [0u8; 4];
+        a.read_exact(&mut got).await.unwrap();
+        poll(&fb, libc::POLLOUT as u32).await.unwrap();
+        assert!(
+            !fb.duplicated(),
+            "a receive, send or poll duplicated the socket"
+        );
+        let pipe = Arc::new(Pipe::new().unwrap());
+        a.write_all(b"spliced").await.unwrap();
+        let n = splice(&fb, &pipe, Dir::In, 64, false).await.unwrap();
+        assert_eq!(n, 7);
+        assert!(
+            fb.duplicated(),
+            "a linked splice named the socket by number"
+        );
+
+        // A receive in flight on a socket that is then closed (the cancel and the close in
+        // either order): the next socket, likely given the same number, gets its own bytes.
+        let (mut c, d) = pair().await;
+        let fd = SockFd::new(&d);
+        let waiting = recv_pooled(&fd, 64).unwrap();
+        drop(d);
+        drop(waiting);
+        let (mut e, f) = pair().await;
+        let ff = SockFd::new(&f);
+        c.write_all(b"old").await.unwrap();
+        e.write_all(b"new").await.unwrap();
+        let mut buf = BytesMut::new();
+        let n = recv(&ff, &mut buf, 64).await.unwrap();
+        assert_eq!(&buf[..n], b"new");
+    }
+
     /// Splice through a pipe both ways, each behind its poll: socket → pipe → socket.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn splice_behind_a_poll() {
@@ -1135,7 +1234,7 @@ mod tests {
         }
         let (a_in, b_in) = pair().await;
         let (a_out, b_out) = pair().await;
-        let (fin, fout) = (SockFd::dup(&b_in).unwrap(), SockFd::dup(&a_out).unwrap());
+        let (fin, fout) = (SockFd::new(&b_in), SockFd::new(&a_out));
         let pipe = Arc::new(Pipe::new().unwrap());
         let data: Vec<u8> = (0..4 << 20).map(|i| (i * 13 % 251) as u8).collect();
         let (writer, reader) = crate::relay::tests::send_and_collect(a_in, b_out, &data);
