@@ -790,6 +790,30 @@ async fn serve_cmd(a: ServeArgs) -> Result<(), String> {
 
 /// Entry point of both binaries. Invoked as `kubectl-ringfwd` (a kubectl plugin), help and
 /// usage say `kubectl ringfwd`.
+/// Raise the soft limit on open files to the hard one. Every forwarded connection holds a
+/// socket (two through `serve`), and the usual soft limit of 1,024 would refuse connections
+/// long before the hard limit or the machine runs short (Go programs, kubectl among them, do
+/// the same at start-up).
+fn raise_open_files_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // Safety: getrlimit writes one rlimit into `r`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 || r.rlim_cur >= r.rlim_max {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: r.rlim_max,
+        rlim_max: r.rlim_max,
+    };
+    // Safety: setrlimit reads one rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::debug!("open files limit stays at {}: {e}", r.rlim_cur);
+    }
+}
+
 pub fn main() -> ExitCode {
     let argv0 = std::env::args_os().next().unwrap_or_default();
     let as_plugin = std::path::Path::new(&argv0)
@@ -826,6 +850,7 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
+    raise_open_files_limit();
     match crate::relay::select_data_plane(cli.obs.data_plane) {
         Ok(d) => tracing::debug!("data plane: {}", d.name()),
         Err(e) => return fail(&e.to_string()),

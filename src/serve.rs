@@ -256,8 +256,20 @@ pub async fn serve_with(
     opts: SessionOptions,
     access: Access,
 ) -> io::Result<()> {
+    let mut errors = crate::relay::AcceptErrors::default();
+    let local = listener.local_addr()?;
     loop {
-        let (tcp, peer) = listener.accept().await?;
+        // Out of descriptors and the like: transient, keep serving.
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => {
+                errors.accepted();
+                accepted
+            }
+            Err(e) => {
+                errors.failed(&local, &e).await;
+                continue;
+            }
+        };
         crate::relay::tune_socket(&tcp);
         let dialer = dialer.clone();
         let opts = opts.clone();

@@ -4,7 +4,9 @@
 use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Command, Output};
 
-use ringfwd::relay::SessionOptions;
+mod support;
+
+use support::procs::serve_in_process;
 
 fn ringfwd(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ringfwd"))
@@ -27,27 +29,6 @@ fn assert_one_line_error(out: &Output, want: &[&str]) {
     }
 }
 
-/// A `ringfwd serve` on loopback for as long as the returned runtime lives.
-fn serve() -> (tokio::runtime::Runtime, String) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = rt.block_on(async {
-        let (l, url) = ringfwd::serve::bind((Ipv4Addr::LOCALHOST, 0).into())
-            .await
-            .unwrap();
-        tokio::spawn(ringfwd::serve::serve(
-            l,
-            ringfwd::serve::Dialer::Local,
-            SessionOptions::default(),
-        ));
-        url
-    });
-    (rt, url)
-}
-
 #[test]
 fn malformed_port_spec() {
     for spec in ["80x", "0", "70000", "x:80", "1:2:3"] {
@@ -66,7 +47,7 @@ fn unknown_target_type() {
 
 #[test]
 fn local_port_in_use() {
-    let (_rt, url) = serve();
+    let (_rt, url) = serve_in_process();
     let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let port = taken.local_addr().unwrap().port();
     let spec = format!("{port}:80");

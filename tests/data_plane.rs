@@ -7,8 +7,14 @@
 //! `ringfwd bench` then moves real bytes through its embedded `serve`, so a data plane that
 //! claimed splice and could not use it would fail the transfer, not just print a name.
 
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
+
+use support::procs::{IO_TIMEOUT, PortForward, echo_server, serve_in_process};
 
 /// Classic BPF, as seccomp reads it (linux/filter.h, linux/seccomp.h): BPF_LD|BPF_W|BPF_ABS,
 /// BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K.
@@ -182,4 +188,118 @@ fn auto_does_not_need_io_uring() {
     assert!(out.status.success(), "{so}{se}");
     assert!(so.contains("data plane epoll"), "{so}");
     assert!(se.trim().is_empty(), "{se}");
+}
+
+/// `n` connections held open at once through `ringfwd forward --data-plane DATA_PLANE` (to a
+/// `serve` in this process, then an echo server), the forward started with an open-files
+/// limit of `soft` (hard `hard`): each connection sends a byte once all are open, and must
+/// get it back.
+fn hold_connections(data_plane: &str, soft: u64, hard: u64, n: usize) -> Result<(), String> {
+    let (_rt, url) = serve_in_process();
+    let fwd = forward_limited(&url, data_plane, soft, hard)?;
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        conns.push(connect(&fwd).map_err(|e| format!("connection {i}: connect: {e}"))?);
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        echo_byte(c, i as u8)
+            .map_err(|e| format!("connection {i} of {n}: {e}; forward said: {}", fwd.stderr()))?;
+    }
+    Ok(())
+}
+
+/// `ringfwd forward --data-plane DATA_PLANE` to `url`, then an echo server, with an
+/// open-files limit of `soft` (hard `hard`).
+fn forward_limited(
+    url: &str,
+    data_plane: &str,
+    soft: u64,
+    hard: u64,
+) -> Result<PortForward, String> {
+    let port = echo_server();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringfwd"));
+    cmd.args(["forward", "--url", &url, "--data-plane", data_plane])
+        .arg(format!(":{port}"))
+        .env("RUST_LOG", "ringfwd=warn");
+    // Safety: the closure only calls setrlimit (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &r) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        })
+    };
+    PortForward::start(cmd)
+}
+
+fn connect(fwd: &PortForward) -> std::io::Result<TcpStream> {
+    let c = TcpStream::connect((Ipv4Addr::LOCALHOST, fwd.local))?;
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    Ok(c)
+}
+
+/// Send `byte` and read it back.
+fn echo_byte(c: &mut TcpStream, byte: u8) -> Result<(), String> {
+    let mut back = [0u8];
+    c.write_all(&[byte])
+        .and_then(|_| c.read_exact(&mut back))
+        .map_err(|e| e.to_string())?;
+    match back[0] == byte {
+        true => Ok(()),
+        false => Err(format!("sent {byte}, got {}", back[0])),
+    }
+}
+
+/// The io_uring plane names sockets by number (only a splice duplicates one): 300 idle
+/// connections fit under a limit of 450 descriptors, where a duplicate each would need 600.
+#[test]
+fn uring_holds_a_connection_per_descriptor() {
+    if let Err(e) = ringfwd::relay::uring::available() {
+        return eprintln!("io_uring not available here: {e}");
+    }
+    hold_connections("uring", 450, 450, 300).unwrap();
+}
+
+/// A soft limit below what the connections need is raised to the hard limit at start-up.
+#[test]
+fn soft_open_files_limit_is_raised() {
+    hold_connections("auto", 64, 450, 300).unwrap();
+}
+
+/// Out of descriptors, the forward stays up without spinning (a connection it accepted but
+/// could not open a session for is reset): connections past the limit wait in the backlog, the failed accepts are retried with a backoff and logged at most once
+/// a second, and once connections close, new ones are served again.
+#[test]
+fn running_out_of_descriptors_is_survived() {
+    let (_rt, url) = serve_in_process();
+    let fwd = forward_limited(&url, "auto", 100, 100).unwrap();
+    let mut conns: Vec<TcpStream> = (0..150).map(|_| connect(&fwd).unwrap()).collect();
+    let started = std::time::Instant::now();
+    // The last connection waits in the backlog while the forward fails to accept it.
+    let mut last = conns.pop().unwrap();
+    last.write_all(&[2]).unwrap();
+    assert!(
+        fwd.wait_stderr("Too many open files", IO_TIMEOUT),
+        "no accept failure logged: {}",
+        fwd.stderr()
+    );
+    drop(conns);
+    // The connection that waited in the backlog is served once descriptors are free.
+    let mut back = [0u8];
+    last.read_exact(&mut back).unwrap();
+    assert_eq!(back, [2]);
+    let mut fresh = connect(&fwd).unwrap();
+    echo_byte(&mut fresh, 3).unwrap();
+    let secs = started.elapsed().as_secs() + 2;
+    let lines = fwd.stderr().matches("accept on").count() as u64;
+    assert!(
+        lines <= secs,
+        "{lines} accept warnings in under {secs} s: {}",
+        fwd.stderr()
+    );
 }

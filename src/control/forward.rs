@@ -575,24 +575,29 @@ impl Forwarder {
     /// Accept on `l` until dropped (dropping it closes the port), relaying each connection on
     /// its own task; past `--max-connections` open ones, a new one is reset at once.
     pub async fn serve_listener(self: Arc<Self>, l: Listener) {
+        let mut errors = crate::relay::AcceptErrors::default();
         loop {
-            match l.tcp.accept().await {
-                Ok((tcp, peer)) => match self.conn_permits.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let fwd = self.clone();
-                        tokio::spawn(async move {
-                            let outcome = fwd.handle(tcp, peer, l.remote).await;
-                            drop(permit);
-                            outcome
-                        });
-                    }
-                    Err(_) => self.over_limit(tcp, peer, l.remote),
-                },
-                Err(e) => {
-                    // Out of file descriptors and the like: transient, keep the forward up.
-                    tracing::warn!("accept on {}: {e}", l.local);
-                    tokio::task::yield_now().await;
+            let (tcp, peer) = match l.tcp.accept().await {
+                Ok(accepted) => {
+                    errors.accepted();
+                    accepted
                 }
+                // Out of file descriptors and the like: transient, keep the forward up.
+                Err(e) => {
+                    errors.failed(&l.local, &e).await;
+                    continue;
+                }
+            };
+            match self.conn_permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let fwd = self.clone();
+                    tokio::spawn(async move {
+                        let outcome = fwd.handle(tcp, peer, l.remote).await;
+                        drop(permit);
+                        outcome
+                    });
+                }
+                Err(_) => self.over_limit(tcp, peer, l.remote),
             }
         }
     }

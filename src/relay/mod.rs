@@ -212,6 +212,57 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_PROBES: u32 = 6;
 
+/// A listener's failed accepts (out of descriptors, most often). The connection waits in the
+/// kernel's backlog meanwhile, so the listener stays up: it waits before the next accept,
+/// from [`ACCEPT_BACKOFF_MIN`] doubling up to [`ACCEPT_BACKOFF_MAX`], and logs at most one line
+/// a second. Retrying at once would spin a core and flood the log while nothing changes (seen:
+/// a warning every 20 µs).
+pub struct AcceptErrors {
+    backoff: Duration,
+    /// When the last line went out, and the failures since.
+    logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl Default for AcceptErrors {
+    fn default() -> Self {
+        AcceptErrors {
+            backoff: ACCEPT_BACKOFF_MIN,
+            logged: None,
+            unlogged: 0,
+        }
+    }
+}
+
+impl AcceptErrors {
+    /// An accept succeeded.
+    pub fn accepted(&mut self) {
+        self.backoff = ACCEPT_BACKOFF_MIN;
+    }
+
+    /// An accept on `listener` failed with `e`: say so (now and then) and wait.
+    pub async fn failed(&mut self, listener: &impl std::fmt::Display, e: &std::io::Error) {
+        self.unlogged += 1;
+        let now = std::time::Instant::now();
+        if self
+            .logged
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            let more = match self.unlogged {
+                0 | 1 => String::new(),
+                n => format!(" (and {} more since the last such line)", n - 1),
+            };
+            tracing::warn!("accept on {listener}: {e}{more}");
+            (self.logged, self.unlogged) = (Some(now), 0);
+        }
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
+    }
+}
+
 /// Disable Nagle and switch TCP keepalive on (see [`KEEPALIVE_IDLE`]). Best effort: a socket
 /// that refuses either still works.
 pub fn tune_socket(tcp: &tokio::net::TcpStream) {

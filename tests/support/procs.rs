@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// Longest wait for kubectl to print its `Forwarding from` line (or exit).
@@ -33,6 +33,28 @@ pub fn echo_on(listener: TcpListener) -> u16 {
         }
     });
     port
+}
+
+/// A `ringfwd serve` on loopback, in this process, for as long as the returned runtime lives;
+/// its URL.
+pub fn serve_in_process() -> (tokio::runtime::Runtime, String) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = rt.block_on(async {
+        let (l, url) = ringfwd::serve::bind((Ipv4Addr::LOCALHOST, 0).into())
+            .await
+            .unwrap();
+        tokio::spawn(ringfwd::serve::serve(
+            l,
+            ringfwd::serve::Dialer::Local,
+            ringfwd::relay::SessionOptions::default(),
+        ));
+        url
+    });
+    (rt, url)
 }
 
 pub fn echo_server() -> u16 {
@@ -87,7 +109,7 @@ pub struct PortForward {
     stdout: Arc<Mutex<String>>,
     /// Closed when the client's stdout closes (it exited).
     stdout_open: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<(Mutex<String>, Condvar)>,
     stderr_reader: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -107,15 +129,16 @@ impl PortForward {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let mut child = cmd.spawn().expect("spawn port-forward");
-        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new((Mutex::new(String::new()), Condvar::new()));
         let err_sink = stderr.clone();
         let err_pipe = BufReader::new(child.stderr.take().unwrap());
         let err_reader = std::thread::spawn(move || {
             for line in err_pipe.lines() {
                 let Ok(line) = line else { break };
-                let mut sink = err_sink.lock().unwrap();
+                let mut sink = err_sink.0.lock().unwrap();
                 sink.push_str(&line);
                 sink.push('\n');
+                err_sink.1.notify_all();
             }
         });
         let (tx, rx) = mpsc::channel();
@@ -160,7 +183,7 @@ impl PortForward {
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let _ = child.wait();
                     let _ = err_reader.join();
-                    let text = stderr.lock().unwrap().clone();
+                    let text = stderr.0.lock().unwrap().clone();
                     return Err(text);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -202,7 +225,17 @@ impl PortForward {
     }
 
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.0.lock().unwrap().clone()
+    }
+
+    /// Waits up to `timeout` for `needle` on the client's stderr; whether it came.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> bool {
+        let (text, changed) = &*self.stderr;
+        let text = text.lock().unwrap();
+        let (text, _) = changed
+            .wait_timeout_while(text, timeout, |t| !t.contains(needle))
+            .unwrap();
+        text.contains(needle)
     }
 
     /// Asserts `len` bytes come back byte-exact through the forward (to an echo target).
