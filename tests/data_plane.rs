@@ -218,7 +218,7 @@ fn forward_limited(
 ) -> Result<PortForward, String> {
     let port = echo_server();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringfwd"));
-    cmd.args(["forward", "--url", &url, "--data-plane", data_plane])
+    cmd.args(["forward", "--url", url, "--data-plane", data_plane])
         .arg(format!(":{port}"))
         .env("RUST_LOG", "ringfwd=warn");
     // Safety: the closure only calls setrlimit (async-signal-safe) between fork and exec.
