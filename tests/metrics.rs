@@ -360,7 +360,7 @@ impl Prometheus {
                 .port();
             let addr = format!("127.0.0.1:{port}");
             let log = dir.path().join("prometheus.log");
-            let child = Command::new(bin)
+            let mut child = Command::new(bin)
                 .arg(format!("--config.file={}", config.display()))
                 .arg(format!(
                     "--storage.tsdb.path={}",
@@ -368,19 +368,31 @@ impl Prometheus {
                 ))
                 .arg(format!("--web.listen-address={addr}"))
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
+                .stderr(Stdio::piped())
                 .spawn()
                 .expect("spawn prometheus");
-            let mut child = KillOnDrop(child);
-            let ready = poll("prometheus to start", || {
-                if let Ok(Some(_)) = child.0.try_wait() {
-                    return Some(false);
-                }
-                match http_get(&addr, "/-/ready") {
-                    Ok((200, _)) => Some(true),
-                    _ => None,
+            // Its log, copied to `log` line by line: the readiness line is the event to wait
+            // for, and the end of the log (it exited) is the other.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let pipe = BufReader::new(child.stderr.take().unwrap());
+            let mut file = std::fs::File::create(&log).unwrap();
+            std::thread::spawn(move || {
+                for line in pipe.lines() {
+                    let Ok(line) = line else { break };
+                    let _ = writeln!(file, "{line}");
+                    if line.contains("Server is ready to receive web requests") {
+                        let _ = tx.send(());
+                    }
                 }
             });
+            let child = KillOnDrop(child);
+            let ready = match rx.recv_timeout(DEADLINE) {
+                Ok(()) => true,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => false,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("prometheus not ready after {DEADLINE:?}")
+                }
+            };
             if ready {
                 return Prometheus {
                     _child: child,
@@ -915,13 +927,17 @@ fn verbose_logs_each_connection_end_with_bytes_duration_outcome() {
     transfer(quiet.local);
     let mut verbose = start(true);
     transfer(verbose.local);
-    let line = poll("the connection-end log line", || {
-        verbose
-            .stderr()
-            .lines()
-            .find(|l| l.contains("connection ended"))
-            .map(str::to_string)
-    });
+    assert!(
+        verbose.wait_stderr("connection ended", DEADLINE),
+        "no connection-end log line: {}",
+        verbose.stderr()
+    );
+    let stderr = verbose.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("connection ended"))
+        .map(str::to_string)
+        .unwrap();
     verbose.stop();
     quiet.stop();
     for field in [
