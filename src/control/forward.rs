@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Semaphore, watch};
@@ -35,7 +35,7 @@ use crate::metrics::{ForwardMetrics, Outcome};
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
 use crate::proto::{ConnId, PortForwardProtocol};
-use crate::relay::{ConnOutcome, Session, SessionOptions, relay_opened_conn};
+use crate::relay::{ConnOutcome, LogThrottle, Session, SessionOptions, also, relay_opened_conn};
 use crate::secret::{Secret, SecretUrl, redact_url};
 
 /// Where sessions come from.
@@ -171,7 +171,8 @@ pub struct Forwarder {
     conn_permits: Arc<Semaphore>,
     /// Connections refused for want of room: at `--max-connections`, or every session at its
     /// stream limit.
-    refusals: Refusals,
+    /// Refusals are logged at most once a second (see [`LogThrottle`]).
+    refusals: LogThrottle,
     /// Connections being relayed, so that they can be reset when their pod goes away.
     open: std::sync::Mutex<HashMap<u64, (Session, ConnId)>>,
     next_open: AtomicU64,
@@ -193,35 +194,6 @@ struct OpenGuard<'a>(&'a Forwarder, u64);
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
         self.0.open_conns().remove(&self.1);
-    }
-}
-
-/// Refusals are logged at most once per [`REFUSAL_LOG_EVERY`]; the line counts those in
-/// between, so a flood of connections cannot flood the log.
-#[derive(Default)]
-struct Refusals {
-    /// When the last line went out, and how many refusals since.
-    state: std::sync::Mutex<(Option<Instant>, u64)>,
-}
-
-/// See [`Refusals`].
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
-
-impl Refusals {
-    /// Count one refusal; `Some(n)` when a line is due, `n` counting this one and those since
-    /// the last line.
-    fn count(&self, now: Instant) -> Option<u64> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.1 += 1;
-        if st
-            .0
-            .is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY)
-        {
-            return None;
-        }
-        let n = st.1;
-        *st = (Some(now), 0);
-        Some(n)
     }
 }
 
@@ -449,7 +421,7 @@ impl Forwarder {
                 open: Default::default(),
                 next_open: AtomicU64::new(1),
                 conn_permits: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
-                refusals: Refusals::default(),
+                refusals: LogThrottle::default(),
                 tasks,
             }
         }))
@@ -603,7 +575,7 @@ impl Forwarder {
     }
 
     /// A connection past `--max-connections`: reset it now, count it, and say why (at most
-    /// once per [`REFUSAL_LOG_EVERY`]).
+    /// once per [`crate::relay::LOG_EVERY`]).
     fn over_limit(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) {
         let max = self.connector.cfg.pool.max_connections;
         let stream = self.connector.cfg.metrics.accept(Some(peer), remote);
@@ -767,26 +739,20 @@ impl Forwarder {
     }
 }
 
-/// `" (and N-1 more since the last such line)"` when a rate-limited line stands for `n`.
-fn also(n: u64) -> String {
-    match n {
-        0 | 1 => String::new(),
-        n => format!(" (and {} more since the last such line)", n - 1),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::LOG_EVERY;
+    use std::time::Duration;
 
     #[test]
     fn refusals_are_logged_once_a_second_with_a_count() {
-        let r = Refusals::default();
+        let r = LogThrottle::default();
         let t0 = Instant::now();
         assert_eq!(r.count(t0), Some(1));
         assert_eq!(r.count(t0 + Duration::from_millis(10)), None);
         assert_eq!(r.count(t0 + Duration::from_millis(20)), None);
-        assert_eq!(r.count(t0 + REFUSAL_LOG_EVERY), Some(3));
+        assert_eq!(r.count(t0 + LOG_EVERY), Some(3));
         assert_eq!(also(1), "");
         assert_eq!(also(3), " (and 2 more since the last such line)");
     }

@@ -212,16 +212,48 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_PROBES: u32 = 6;
 
+/// A repeated warning (a refused connection, a failed accept) logged at most once per
+/// [`LOG_EVERY`]; the line counts those in between, so a flood cannot flood the log.
+#[derive(Default)]
+pub struct LogThrottle {
+    /// When the last line went out, and how many occurrences since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+/// See [`LogThrottle`].
+pub const LOG_EVERY: Duration = Duration::from_secs(1);
+
+impl LogThrottle {
+    /// Count one occurrence; `Some(n)` when a line is due, `n` counting this one and those
+    /// since the last line.
+    pub fn count(&self, now: std::time::Instant) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1 += 1;
+        if st.0.is_some_and(|at| now.duration_since(at) < LOG_EVERY) {
+            return None;
+        }
+        let n = st.1;
+        *st = (Some(now), 0);
+        Some(n)
+    }
+}
+
+/// `" (and N-1 more since the last such line)"` when a throttled line stands for `n`.
+pub fn also(n: u64) -> String {
+    match n {
+        0 | 1 => String::new(),
+        n => format!(" (and {} more since the last such line)", n - 1),
+    }
+}
+
 /// A listener's failed accepts (out of descriptors, most often). The connection waits in the
 /// kernel's backlog meanwhile, so the listener stays up: it waits before the next accept,
-/// from [`ACCEPT_BACKOFF_MIN`] doubling up to [`ACCEPT_BACKOFF_MAX`], and logs at most one line
-/// a second. Retrying at once would spin a core and flood the log while nothing changes (seen:
-/// a warning every 20 µs).
+/// from [`ACCEPT_BACKOFF_MIN`] doubling up to [`ACCEPT_BACKOFF_MAX`], and logs through a
+/// [`LogThrottle`]. Retrying at once would spin a core and flood the log while nothing
+/// changes (seen: a warning every 20 µs).
 pub struct AcceptErrors {
     backoff: Duration,
-    /// When the last line went out, and the failures since.
-    logged: Option<std::time::Instant>,
-    unlogged: u64,
+    log: LogThrottle,
 }
 
 pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -231,8 +263,7 @@ impl Default for AcceptErrors {
     fn default() -> Self {
         AcceptErrors {
             backoff: ACCEPT_BACKOFF_MIN,
-            logged: None,
-            unlogged: 0,
+            log: LogThrottle::default(),
         }
     }
 }
@@ -245,18 +276,8 @@ impl AcceptErrors {
 
     /// An accept on `listener` failed with `e`: say so (now and then) and wait.
     pub async fn failed(&mut self, listener: &impl std::fmt::Display, e: &std::io::Error) {
-        self.unlogged += 1;
-        let now = std::time::Instant::now();
-        if self
-            .logged
-            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
-        {
-            let more = match self.unlogged {
-                0 | 1 => String::new(),
-                n => format!(" (and {} more since the last such line)", n - 1),
-            };
-            tracing::warn!("accept on {listener}: {e}{more}");
-            (self.logged, self.unlogged) = (Some(now), 0);
+        if let Some(n) = self.log.count(std::time::Instant::now()) {
+            tracing::warn!("accept on {listener}: {e}{}", also(n));
         }
         tokio::time::sleep(self.backoff).await;
         self.backoff = (self.backoff * 2).min(ACCEPT_BACKOFF_MAX);
