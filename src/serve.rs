@@ -258,9 +258,10 @@ pub async fn serve_with(
 ) -> io::Result<()> {
     let mut errors = crate::relay::AcceptErrors::default();
     let local = listener.local_addr()?;
+    let mut accepter = crate::relay::Accepter::new(&listener);
     loop {
         // Out of descriptors and the like: transient, keep serving.
-        let (tcp, peer) = match listener.accept().await {
+        let (tcp, peer) = match accepter.accept().await {
             Ok(accepted) => {
                 errors.accepted();
                 accepted

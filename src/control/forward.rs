@@ -548,8 +548,9 @@ impl Forwarder {
     /// its own task; past `--max-connections` open ones, a new one is reset at once.
     pub async fn serve_listener(self: Arc<Self>, l: Listener) {
         let mut errors = crate::relay::AcceptErrors::default();
+        let mut accepter = crate::relay::Accepter::new(&l.tcp);
         loop {
-            let (tcp, peer) = match l.tcp.accept().await {
+            let (tcp, peer) = match accepter.accept().await {
                 Ok(accepted) => {
                     errors.accepted();
                     accepted

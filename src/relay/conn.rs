@@ -228,6 +228,16 @@ async fn relay<B: Send>(
                                 .await
                                 .map_err(ConnOutcome::Local)?;
                         }
+                    } else if !session.can_splice() && uring::fixed_enabled() {
+                        // A bulk sender's next frame goes into one of the ring's registered
+                        // buffers, when one is free (boxed, as the other bulk paths).
+                        pooled = Box::pin(uring::recv_fixed(ring, limit))
+                            .await
+                            .map_err(ConnOutcome::Local)?
+                            .map(|b| match b.is_empty() {
+                                true => uring::Pooled::Eof,
+                                false => uring::Pooled::Data(b),
+                            });
                     }
                 } else if bulk {
                     // (poll functions, not tokio's `readable()`/`peek()` futures: those are
@@ -283,7 +293,7 @@ async fn relay<B: Send>(
                         _ => None,
                     };
                     let n = b.as_ref().map_or(0, |b| b.len());
-                    bulk = n == limit.min(uring::POOL_BUF_LEN);
+                    bulk = b.as_ref().is_some_and(|b| n == limit.min(b.capacity()));
                     if let Some(b) = b {
                         stats.add_up(n);
                         up_pending.store(true, Relaxed);

@@ -284,6 +284,79 @@ impl AcceptErrors {
     }
 }
 
+/// Takes a listener's connections: on the io_uring plane through one multishot accept armed on
+/// the ring (a completion per connection, no readiness round trip and no `accept4` call each),
+/// elsewhere, or where the kernel refuses multishot accepts (before 5.19), through tokio's.
+pub struct Accepter<'a> {
+    listener: &'a tokio::net::TcpListener,
+    ring: Option<uring::Accepts>,
+    use_ring: bool,
+    /// A multishot accept has delivered a connection here (so an EINVAL later is not the
+    /// kernel refusing multishot).
+    took_one: bool,
+}
+
+impl<'a> Accepter<'a> {
+    pub fn new(listener: &'a tokio::net::TcpListener) -> Self {
+        Accepter {
+            listener,
+            ring: None,
+            use_ring: data_plane() == DataPlane::Uring,
+            took_one: false,
+        }
+    }
+
+    /// The next connection and its peer (unspecified if it has already gone: its relay then
+    /// finds the reset).
+    pub async fn accept(
+        &mut self,
+    ) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+        while self.use_ring {
+            let accepts = match &mut self.ring {
+                Some(a) => a,
+                None => match uring::accept_multi(self.listener) {
+                    Ok(a) => self.ring.insert(a),
+                    Err(e) => {
+                        self.ring_refused(&e);
+                        break;
+                    }
+                },
+            };
+            match accepts.next().await {
+                Some(Ok(fd)) => {
+                    self.took_one = true;
+                    let tcp = tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))?;
+                    let peer = tcp
+                        .peer_addr()
+                        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                    return Ok((tcp, peer));
+                }
+                Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) && !self.took_one => {
+                    self.ring = None;
+                    self.ring_refused(&e);
+                }
+                // It ended with this error (out of descriptors, say): the next call arms
+                // another.
+                Some(Err(e)) => {
+                    self.ring = None;
+                    return Err(e);
+                }
+                // Ended without one (a full completion queue): arm another.
+                None => self.ring = None,
+            }
+        }
+        self.listener.accept().await
+    }
+
+    fn ring_refused(&mut self, e: &std::io::Error) {
+        let local = self.listener.local_addr().ok();
+        tracing::info!(
+            "listener {local:?}: no multishot accept on this kernel's io_uring ({e}): accepting through epoll"
+        );
+        self.use_ring = false;
+    }
+}
+
 /// Disable Nagle and switch TCP keepalive on (see [`KEEPALIVE_IDLE`]). Best effort: a socket
 /// that refuses either still works.
 pub fn tune_socket(tcp: &tokio::net::TcpStream) {

@@ -24,6 +24,17 @@
 //! and then a receive. (Receives on tokio's non-blocking sockets do wait on this kernel;
 //! an EAGAIN would be answered with a poll, as for the other operations.)
 //!
+//! A listener takes its connections through one multishot accept ([`accept_multi`]): one
+//! submission, then a completion per connection. Operations that complete more than once (that
+//! one, and a zero-copy send, whose second completion says the kernel is done with the pages)
+//! keep their slot until the completion without `IORING_CQE_F_MORE`; an abandoned accept
+//! closes the sockets that still arrive.
+//!
+//! Two more ways to move bulk bytes are here, each off by default because it measured slower
+//! on loopback (perf/2026-12-02-uring-extras.md): receives into registered (fixed) buffers
+//! ([`recv_fixed`], `RINGFWD_URING_FIXED=1`) and zero-copy `sendmsg` ([`zerocopy_enabled`],
+//! `RINGFWD_URING_ZEROCOPY=1`).
+//!
 //! Completions are reaped in three places: right after each submission (most socket operations
 //! complete inline, so the future is ready on its first poll), when a waiting future is polled,
 //! and by a reaper task that sleeps on an eventfd registered with the ring (tokio's epoll
@@ -50,6 +61,9 @@ use crate::proto::HEADROOM;
 /// keeps overflowing completions instead of dropping them).
 const SQ_ENTRIES: u32 = 256;
 const CQ_ENTRIES: u32 = 4096;
+
+/// `IORING_CQE_F_MORE`: this completion is not the operation's last.
+const CQE_F_MORE: u32 = 1 << 1;
 
 /// user_data of an entry whose completion nobody waits for (a cancel request).
 const IGNORE: u64 = u64::MAX;
@@ -103,14 +117,30 @@ impl SockFd {
     }
 }
 
+/// One operation's place in the ring. An operation may complete more than once: a multishot
+/// accept posts a completion per connection, a zero-copy send its result and then a
+/// notification that the kernel is done with the buffer. Every completion but the last one
+/// carries `IORING_CQE_F_MORE`, and a slot is freed only at the last.
 enum Slot {
     Free,
     /// In flight; the waker of the future waiting for it.
     Waiting(Option<Waker>),
-    /// Completed with this result and these completion flags; the future has not taken it yet.
+    /// Completed with this result and these completion flags; the future has not taken it yet
+    /// (with `F_MORE` in the flags, a last completion is still to come).
     Done(i32, u32),
-    /// In flight, its future gone: what the kernel may still use, freed at the completion.
-    Abandoned(#[allow(dead_code)] Box<dyn Any + Send>),
+    /// A multishot operation in flight: the completions its future has not taken yet.
+    Stream(Option<Waker>, std::collections::VecDeque<(i32, u32)>),
+    /// In flight, its future gone: what the kernel may still use, freed at the last
+    /// completion; descriptors its completions bring (an accept's) are closed.
+    Abandoned(#[allow(dead_code)] Box<dyn Any + Send>, Brings),
+}
+
+/// Whether an operation's successful completions bring a new descriptor (that nobody else
+/// will close once its future is gone).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Brings {
+    Nothing,
+    Descriptors,
 }
 
 struct Inner {
@@ -120,6 +150,8 @@ struct Inner {
     free: Vec<usize>,
     skip_success: bool,
     pool: Option<Arc<Pool>>,
+    /// The fixed buffers, once registered (dropped or leaked with `pool`).
+    fixed: Option<Arc<Pool>>,
     /// Wakers of operations completed during a submission, for the next reap to return.
     woken: Vec<Waker>,
 }
@@ -129,6 +161,9 @@ pub struct Ring {
     inner: Mutex<Inner>,
     /// The provided buffers of [`recv_pooled`] (`None` where the kernel cannot register them).
     pool: Option<Arc<Pool>>,
+    /// The fixed buffers of [`recv_fixed`], registered on first use (`None` where the kernel
+    /// refused them).
+    fixed: OnceLock<Option<Arc<Pool>>>,
     /// The reaper task still runs (it ends with its tokio runtime).
     reaping: Arc<AtomicBool>,
 }
@@ -181,8 +216,10 @@ impl Ring {
                 free: Vec::new(),
                 skip_success,
                 pool,
+                fixed: None,
                 woken: Vec::new(),
             }),
+            fixed: OnceLock::new(),
             reaping: Arc::new(AtomicBool::new(true)),
         });
         /// Marks the ring unreaped when the reaper task ends or is dropped with its runtime.
@@ -215,6 +252,26 @@ impl Ring {
             }
         });
         Ok(ring)
+    }
+
+    /// This ring's fixed buffers, registered on the first call.
+    fn fixed_pool(&self) -> Option<&Arc<Pool>> {
+        self.fixed
+            .get_or_init(|| {
+                let mut inner = self.inner.lock().unwrap();
+                match Pool::register_fixed(&inner.uring) {
+                    Ok(pool) => {
+                        let pool = Arc::new(pool);
+                        inner.fixed = Some(pool.clone());
+                        Some(pool)
+                    }
+                    Err(e) => {
+                        tracing::debug!("io_uring fixed buffers not registered: {e}");
+                        None
+                    }
+                }
+            })
+            .as_ref()
     }
 
     /// Move every completion into its slot and wake the futures waiting for them.
@@ -325,12 +382,29 @@ impl Inner {
             done.push((ud as usize, cqe.result(), cqe.flags()));
         }
         for (slot, res, flags) in done {
-            match std::mem::replace(&mut self.slots[slot], Slot::Done(res, flags)) {
-                Slot::Waiting(w) => wakers.extend(w),
-                Slot::Abandoned(_) => {
+            match &mut self.slots[slot] {
+                Slot::Waiting(w) => {
+                    wakers.extend(w.take());
+                    self.slots[slot] = Slot::Done(res, flags);
+                }
+                Slot::Stream(w, queue) => {
+                    wakers.extend(w.take());
+                    queue.push_back((res, flags));
+                }
+                // The last completion of one whose first is waiting for its future (a
+                // zero-copy send's notification): nothing more to come.
+                Slot::Done(_, first) if cqueue::more(*first) => *first &= !CQE_F_MORE,
+                Slot::Abandoned(_, brings) => {
+                    if *brings == Brings::Descriptors && res >= 0 {
+                        // Safety: a successful accept completion hands us this new
+                        // descriptor, and its future (the only other owner) is gone.
+                        drop(unsafe { OwnedFd::from_raw_fd(res) });
+                    }
                     self.give_back(flags);
-                    self.slots[slot] = Slot::Free;
-                    self.free.push(slot);
+                    if !cqueue::more(flags) {
+                        self.slots[slot] = Slot::Free;
+                        self.free.push(slot);
+                    }
                 }
                 Slot::Free | Slot::Done(..) => {
                     debug_assert!(false, "completion for slot {slot} that was not in flight")
@@ -353,7 +427,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Cancel what is still in flight and give the kernel a moment to say so; whatever
         // still has no completion then is leaked, never freed under the kernel's feet.
-        let in_flight = |s: &Vec<Slot>| s.iter().any(|s| matches!(s, Slot::Abandoned(_)));
+        let in_flight = |s: &Vec<Slot>| s.iter().any(|s| matches!(s, Slot::Abandoned(..)));
         if in_flight(&self.slots) {
             let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
                 .build()
@@ -371,8 +445,10 @@ impl Drop for Inner {
         }
         if in_flight(&self.slots) {
             std::mem::forget(std::mem::take(&mut self.slots));
-            // A receive still in flight may yet pick one of the provided buffers.
+            // A receive still in flight may yet pick one of the provided buffers (or write
+            // into a fixed one).
             std::mem::forget(self.pool.take());
+            std::mem::forget(self.fixed.take());
         }
     }
 }
@@ -389,21 +465,27 @@ impl<T: Send + Unpin + 'static> Future for Op<T> {
     type Output = (io::Result<u32>, T);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.poll_flags(cx).map(|(r, _, keep)| (r, keep))
+        self.poll_flags(cx).map(|(r, _, keep)| {
+            (
+                r,
+                keep.expect("a single-completion operation hands back what it kept"),
+            )
+        })
     }
 }
 
 impl<T: Send + Unpin + 'static> Op<T> {
     /// The result, the completion's flags (which provided buffer it filled) and what the
-    /// operation kept.
+    /// operation kept, which comes back unless the kernel still uses it (a completion with `F_MORE`).
     fn poll_flags(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<(io::Result<u32>, u32, T)> {
+    ) -> Poll<(io::Result<u32>, u32, Option<T>)> {
+        let this = &mut *self;
         let (res, wakers) = {
-            let mut inner = self.ring.inner.lock().unwrap();
+            let mut inner = this.ring.inner.lock().unwrap();
             let wakers = inner.reap();
-            let res = match &mut inner.slots[self.slot] {
+            let res = match &mut inner.slots[this.slot] {
                 Slot::Done(r, f) => Some((*r, *f)),
                 Slot::Waiting(w) => {
                     match w {
@@ -412,12 +494,20 @@ impl<T: Send + Unpin + 'static> Op<T> {
                     }
                     None
                 }
-                Slot::Free | Slot::Abandoned(_) => unreachable!("slot of a live operation"),
+                Slot::Free | Slot::Abandoned(..) | Slot::Stream(..) => {
+                    unreachable!("slot of a live single operation")
+                }
             };
-            if res.is_some() {
-                inner.slots[self.slot] = Slot::Free;
-                let slot = self.slot;
-                inner.free.push(slot);
+            if let Some((_, flags)) = res {
+                if cqueue::more(flags) {
+                    // The kernel still reads what the operation kept (a zero-copy send's
+                    // buffer): the slot keeps it until the last completion.
+                    let keep = this.keep.take().expect("polled after completion");
+                    inner.slots[this.slot] = Slot::Abandoned(Box::new(keep), Brings::Nothing);
+                } else {
+                    inner.slots[this.slot] = Slot::Free;
+                    inner.free.push(this.slot);
+                }
             }
             (res, wakers)
         };
@@ -426,7 +516,7 @@ impl<T: Send + Unpin + 'static> Op<T> {
         }
         match res {
             Some((r, flags)) => {
-                let keep = self.keep.take().expect("polled after completion");
+                let keep = self.keep.take();
                 let r = if r < 0 {
                     Err(io::Error::from_raw_os_error(-r))
                 } else {
@@ -445,11 +535,16 @@ impl<T: Send + 'static> Drop for Op<T> {
         let mut inner = self.ring.inner.lock().unwrap();
         if let Slot::Done(_, flags) = inner.slots[self.slot] {
             inner.give_back(flags);
-            inner.slots[self.slot] = Slot::Free;
-            inner.free.push(self.slot);
+            if cqueue::more(flags) {
+                // Its last completion is still to come: the slot keeps what the kernel uses.
+                inner.slots[self.slot] = Slot::Abandoned(Box::new(keep), Brings::Nothing);
+            } else {
+                inner.slots[self.slot] = Slot::Free;
+                inner.free.push(self.slot);
+            }
             return;
         }
-        inner.slots[self.slot] = Slot::Abandoned(Box::new(keep));
+        inner.slots[self.slot] = Slot::Abandoned(Box::new(keep), Brings::Nothing);
         let ud = self.slot as u64;
         let mut cancels = vec![opcode::AsyncCancel::new(ud).build().user_data(IGNORE)];
         if self.link {
@@ -494,6 +589,7 @@ pub fn available() -> Result<(), String> {
                 (opcode::SendMsg::CODE, "SENDMSG"),
                 (opcode::Splice::CODE, "SPLICE"),
                 (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+                (opcode::AcceptMulti::CODE, "ACCEPT"),
             ] {
                 if !probe.is_supported(code) {
                     return Err(format!("this kernel's io_uring has no {name}"));
@@ -563,22 +659,35 @@ pub async fn recv(fd: &SockFd, buf: &mut BytesMut, max: usize) -> io::Result<usi
 const POOL_BUFS: u16 = 64;
 pub const POOL_BUF_LEN: usize = 16 * 1024;
 const POOL_GROUP: u16 = 0;
-/// Each buffer keeps [`HEADROOM`] free in front of where the kernel writes, so that the frame
-/// header goes in front of the payload in place.
-const POOL_STRIDE: usize = HEADROOM + POOL_BUF_LEN;
+/// Fixed (registered) buffers per ring and the payload room of each: a whole frame of the
+/// SPDY plane (its largest DATA payload). Registered on a ring's first bulk receive, so idle
+/// connections never make the process pay for them (8 x 256 KiB, pinned, per worker thread).
+const FIXED_BUFS: u16 = 8;
+pub const FIXED_BUF_LEN: usize = crate::proto::portforward::MAX_PAYLOAD;
+// Every buffer keeps [`HEADROOM`] free in front of where the kernel writes, so that the frame
+// header goes in front of the payload in place.
 
-/// A buffer ring registered with one io_uring: [`POOL_BUFS`] buffers the kernel picks from
-/// for [`recv_pooled`], each given back (to the ring's tail) when its [`PoolBuf`] is dropped.
+/// The buffers of one ring, [`HEADROOM`] + `buf_len` bytes each, lent out one at a time as
+/// [`PoolBuf`]s. Two kinds:
+/// - **provided**: [`POOL_BUFS`] small buffers registered as a buffer ring, which the kernel
+///   picks from for [`recv_pooled`] (each given back to the ring's tail when dropped);
+/// - **fixed**: [`FIXED_BUFS`] frame-sized buffers registered with `IORING_REGISTER_BUFFERS`
+///   (pinned once, not per operation), which [`recv_fixed`] takes from a free list.
 struct Pool {
-    /// The ring of buffer descriptors the kernel reads (page aligned, shared with it).
+    /// The ring of buffer descriptors the kernel reads (page aligned, shared with it); null
+    /// for fixed buffers.
     entries: *mut types::BufRingEntry,
-    entries_layout: std::alloc::Layout,
-    /// The buffers themselves, [`POOL_STRIDE`] bytes apart.
+    entries_layout: Option<std::alloc::Layout>,
+    /// The buffers themselves, `stride` bytes apart.
     mem: *mut u8,
     mem_layout: std::alloc::Layout,
+    stride: usize,
+    buf_len: usize,
     /// Our copy of the ring's tail; the lock orders givers on different threads.
     tail: Mutex<u16>,
-    /// Buffers in the ring (for tests and the buffer-leak check).
+    /// Fixed buffers not lent out (unused for provided ones).
+    free: Mutex<Vec<u16>>,
+    /// Buffers in the ring or on the free list (for tests and the buffer-leak check).
     available: std::sync::atomic::AtomicUsize,
 }
 
@@ -589,32 +698,50 @@ unsafe impl Send for Pool {}
 unsafe impl Sync for Pool {}
 
 impl Pool {
-    fn register(uring: &IoUring) -> io::Result<Pool> {
-        let entries_layout = std::alloc::Layout::from_size_align(
-            POOL_BUFS as usize * std::mem::size_of::<types::BufRingEntry>(),
-            4096,
-        )
-        .map_err(io::Error::other)?;
-        let mem_layout = std::alloc::Layout::from_size_align(POOL_BUFS as usize * POOL_STRIDE, 64)
+    /// `count` buffers of `buf_len` bytes after the headroom, and a descriptor ring for them
+    /// if `provided`.
+    fn alloc(count: u16, buf_len: usize, provided: bool) -> io::Result<Pool> {
+        let stride = HEADROOM + buf_len;
+        let entries_layout = provided
+            .then(|| {
+                std::alloc::Layout::from_size_align(
+                    count as usize * std::mem::size_of::<types::BufRingEntry>(),
+                    4096,
+                )
+            })
+            .transpose()
             .map_err(io::Error::other)?;
-        // Safety: both layouts have a non-zero size; null results are checked.
+        let mem_layout = std::alloc::Layout::from_size_align(count as usize * stride, 4096)
+            .map_err(io::Error::other)?;
+        // Safety: both layouts have a non-zero size; null results are checked (a null
+        // `entries` without a layout is what fixed buffers have).
         let (entries, mem) = unsafe {
             (
-                std::alloc::alloc_zeroed(entries_layout).cast::<types::BufRingEntry>(),
+                entries_layout.map_or(std::ptr::null_mut(), |l| {
+                    std::alloc::alloc_zeroed(l).cast::<types::BufRingEntry>()
+                }),
                 std::alloc::alloc(mem_layout),
             )
         };
         let pool = Pool {
             entries,
-            entries_layout,
+            entries_layout: entries_layout.filter(|_| !entries.is_null()),
             mem,
             mem_layout,
+            stride,
+            buf_len,
             tail: Mutex::new(0),
+            free: Mutex::new(Vec::new()),
             available: Default::default(),
         };
-        if entries.is_null() || mem.is_null() {
+        if (provided && entries.is_null()) || mem.is_null() {
             return Err(io::ErrorKind::OutOfMemory.into());
         }
+        Ok(pool)
+    }
+
+    fn register(uring: &IoUring) -> io::Result<Pool> {
+        let pool = Pool::alloc(POOL_BUFS, POOL_BUF_LEN, true)?;
         for bid in 0..POOL_BUFS {
             pool.give_back(bid);
         }
@@ -622,7 +749,7 @@ impl Pool {
         // as this Pool, which the ring's Inner keeps until the ring is gone.
         unsafe {
             uring.submitter().register_buf_ring_with_flags(
-                entries as u64,
+                pool.entries as u64,
                 POOL_BUFS,
                 POOL_GROUP,
                 0,
@@ -631,14 +758,42 @@ impl Pool {
         Ok(pool)
     }
 
+    /// The fixed buffers, registered with `uring` (whose Inner then keeps them until the ring
+    /// is gone).
+    fn register_fixed(uring: &IoUring) -> io::Result<Pool> {
+        let pool = Pool::alloc(FIXED_BUFS, FIXED_BUF_LEN, false)?;
+        let iov: Vec<libc::iovec> = (0..FIXED_BUFS as usize)
+            .map(|i| libc::iovec {
+                // Safety: inside `mem` (FIXED_BUFS strides).
+                iov_base: unsafe { pool.mem.add(i * pool.stride) }.cast(),
+                iov_len: pool.stride,
+            })
+            .collect();
+        // Safety: every iovec is a buffer of this Pool, which outlives the registration (the
+        // ring's Inner drops its IoUring first, or leaks this Pool).
+        unsafe { uring.submitter().register_buffers(&iov)? };
+        for bid in 0..FIXED_BUFS {
+            pool.give_back(bid);
+        }
+        Ok(pool)
+    }
+
     fn give_back(&self, bid: u16) {
+        if self.entries.is_null() {
+            self.free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(bid);
+            self.available.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
         // Safety: the index is masked into the ring; at most POOL_BUFS ids exist, so the slot
         // written is one the kernel has already consumed. The buffer address is inside `mem`.
         unsafe {
             let e = &mut *self.entries.add((*tail & (POOL_BUFS - 1)) as usize);
-            e.set_addr(self.mem.add(bid as usize * POOL_STRIDE + HEADROOM) as u64);
-            e.set_len(POOL_BUF_LEN as u32);
+            e.set_addr(self.mem.add(bid as usize * self.stride + HEADROOM) as u64);
+            e.set_len(self.buf_len as u32);
             e.set_bid(bid);
             *tail = tail.wrapping_add(1);
             let shared =
@@ -647,14 +802,27 @@ impl Pool {
         }
         self.available.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// A fixed buffer off the free list, if one is.
+    fn take_fixed(self: &Arc<Self>) -> Option<PoolBuf> {
+        let bid = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+        self.available.fetch_sub(1, Ordering::Relaxed);
+        Some(PoolBuf {
+            pool: self.clone(),
+            bid,
+            len: 0,
+        })
+    }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        // Safety: allocated in `register` with these layouts; the ring that could write into
+        // Safety: allocated in `alloc` with these layouts; the ring that could write into
         // them is gone (Inner drops its IoUring first, or leaks this Pool).
         unsafe {
-            std::alloc::dealloc(self.entries.cast(), self.entries_layout);
+            if let Some(l) = self.entries_layout {
+                std::alloc::dealloc(self.entries.cast(), l);
+            }
             std::alloc::dealloc(self.mem, self.mem_layout);
         }
     }
@@ -674,6 +842,11 @@ impl PoolBuf {
         self.len as usize
     }
 
+    /// The most a receive puts in this buffer.
+    pub fn capacity(&self) -> usize {
+        self.pool.buf_len
+    }
+
     /// Never true for a buffer [`recv_pooled`] returns (an end of file is [`Pooled::Eof`]).
     pub fn is_empty(&self) -> bool {
         self.len == 0
@@ -685,7 +858,7 @@ impl PoolBuf {
         // range is inside the buffer.
         unsafe {
             std::slice::from_raw_parts_mut(
-                self.pool.mem.add(self.bid as usize * POOL_STRIDE),
+                self.pool.mem.add(self.bid as usize * self.pool.stride),
                 HEADROOM + self.len as usize,
             )
         }
@@ -697,7 +870,7 @@ impl AsRef<[u8]> for PoolBuf {
         // Safety: as in `framed_mut`.
         unsafe {
             std::slice::from_raw_parts(
-                self.pool.mem.add(self.bid as usize * POOL_STRIDE),
+                self.pool.mem.add(self.bid as usize * self.pool.stride),
                 HEADROOM + self.len as usize,
             )
         }
@@ -786,6 +959,61 @@ impl Future for PooledRecv {
     }
 }
 
+/// Whether bulk receives from local sockets go into the ring's fixed (registered) buffers:
+/// `RINGFWD_URING_FIXED=1` (off by default, see perf/2026-12-02-uring-extras.md).
+pub fn fixed_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RINGFWD_URING_FIXED").is_ok_and(|v| v == "1"))
+}
+
+/// Receive up to `max` bytes (at most [`FIXED_BUF_LEN`]) into one of this ring's fixed
+/// buffers, after [`HEADROOM`] free bytes for the frame header; `None` when none is free (or
+/// the kernel would not register them): receive into a buffer of your own. An empty buffer is
+/// the peer's end of file.
+pub async fn recv_fixed(fd: &SockFd, max: usize) -> io::Result<Option<PoolBuf>> {
+    let ring = ring()?;
+    let Some(mut buf) = ring.fixed_pool().and_then(|p| p.take_fixed()) else {
+        return Ok(None);
+    };
+    let max = max.min(buf.capacity()) as u32;
+    loop {
+        // Safety: the read writes at most `max` bytes after the headroom of the buffer whose
+        // id the operation owns (inside the registered iovec of index `bid`) until its
+        // completion.
+        let op = unsafe {
+            ring.start((fd.clone(), buf), |(k, b), ud, _| {
+                let at = b.pool.mem.add(b.bid as usize * b.pool.stride + HEADROOM);
+                vec![
+                    opcode::ReadFixed::new(k.raw(), at, max, b.bid)
+                        .build()
+                        .user_data(ud),
+                ]
+            })
+        };
+        let (res, (_, b)) = op.await;
+        buf = b;
+        match res {
+            Ok(n) => {
+                buf.len = n;
+                return Ok(Some(buf));
+            }
+            Err(e) => wait_or_fail(fd, e, libc::POLLIN).await?,
+        }
+    }
+}
+
+/// Whether large `sendmsg`s go out as zero-copy sends: `RINGFWD_URING_ZEROCOPY=1` (off by
+/// default: on loopback the kernel copies a zero-copy send's pages anyway, later, see
+/// perf/2026-12-02-uring-extras.md).
+pub fn zerocopy_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RINGFWD_URING_ZEROCOPY").is_ok_and(|v| v == "1"))
+}
+
+/// The smallest `sendmsg` sent zero-copy: below this, pinning pages and the second
+/// completion cost more than the copy they save.
+const ZEROCOPY_MIN: usize = 32 * 1024;
+
 /// The socket is non-blocking (tokio's, named by its descriptor), and io_uring respects
 /// that: an operation that would block completes with EAGAIN instead of waiting (seen on a
 /// full local socket: a send failed a transfer with "Resource temporarily unavailable"). Wait
@@ -834,15 +1062,30 @@ unsafe impl Send for Gather {}
 /// One `sendmsg` of `bufs` in order (MSG_NOSIGNAL is added), waiting for room; how many
 /// bytes it took.
 pub async fn sendmsg(fd: &SockFd, bufs: Vec<Bytes>, flags: i32) -> io::Result<usize> {
+    sendmsg_as(fd, bufs, flags, zerocopy_enabled()).await
+}
+
+/// [`sendmsg`], zero-copy or not (for sends of at least [`ZEROCOPY_MIN`]).
+async fn sendmsg_as(
+    fd: &SockFd,
+    bufs: Vec<Bytes>,
+    flags: i32,
+    zerocopy: bool,
+) -> io::Result<usize> {
     loop {
-        match sendmsg_once(fd, bufs.clone(), flags).await {
+        match sendmsg_once(fd, bufs.clone(), flags, zerocopy).await {
             Ok(n) => return Ok(n),
             Err(e) => wait_or_fail(fd, e, libc::POLLOUT).await?,
         }
     }
 }
 
-async fn sendmsg_once(fd: &SockFd, bufs: Vec<Bytes>, flags: i32) -> io::Result<usize> {
+async fn sendmsg_once(
+    fd: &SockFd,
+    bufs: Vec<Bytes>,
+    flags: i32,
+    zerocopy: bool,
+) -> io::Result<usize> {
     let mut g = Box::new(Gather {
         iov: bufs
             .iter()
@@ -857,19 +1100,162 @@ async fn sendmsg_once(fd: &SockFd, bufs: Vec<Bytes>, flags: i32) -> io::Result<u
     });
     g.msg.msg_iov = g.iov.as_mut_ptr();
     g.msg.msg_iovlen = g.iov.len();
+    let zerocopy = zerocopy && g.iov.iter().map(|v| v.iov_len).sum::<usize>() >= ZEROCOPY_MIN;
+    let flags = (flags | libc::MSG_NOSIGNAL) as u32;
     // Safety: the msghdr and the iovecs and buffers it points to live in the box, owned by
-    // the operation until its completion; the kernel only reads them.
-    let op = unsafe {
+    // the operation until its last completion (a zero-copy send's comes when the kernel has
+    // let go of the pages: its slot keeps the box until then); the kernel only reads them.
+    let mut op = unsafe {
         ring()?.start((fd.clone(), g), |(k, g), ud, _| {
-            vec![
-                opcode::SendMsg::new(k.raw(), &g.msg)
-                    .flags((flags | libc::MSG_NOSIGNAL) as u32)
+            vec![match zerocopy {
+                true => opcode::SendMsgZc::new(k.raw(), &g.msg)
+                    .flags(flags)
                     .build()
                     .user_data(ud),
-            ]
+                false => opcode::SendMsg::new(k.raw(), &g.msg)
+                    .flags(flags)
+                    .build()
+                    .user_data(ud),
+            }]
         })
     };
-    op.await.0.map(|n| n as usize)
+    let (res, _, _) = std::future::poll_fn(|cx| Pin::new(&mut op).poll_flags(cx)).await;
+    res.map(|n| n as usize)
+}
+
+/// A multishot accept on a listening socket: one submission, then a completion (a new,
+/// non-blocking socket) per connection, for as long as it stays armed. The kernel ends it on
+/// an error (out of descriptors, say) or when its completion queue overflows; [`Accepts::next`]
+/// says so with `None` after handing over what came before, and the caller starts another.
+///
+/// Dropped (a listener closing), it is cancelled; connections accepted meanwhile are closed
+/// as their completions arrive. Until the cancel completes, the kernel holds the listening
+/// socket open.
+pub struct Accepts {
+    ring: Arc<Ring>,
+    slot: usize,
+    /// The last completion has been taken.
+    ended: bool,
+}
+
+/// Arm a multishot accept on `listener` (which must stay open while this lives).
+pub fn accept_multi(listener: &impl AsRawFd) -> io::Result<Accepts> {
+    let ring = ring()?;
+    let fd = listener.as_raw_fd();
+    let slot = {
+        let mut inner = ring.inner.lock().unwrap();
+        let slot = match inner.free.pop() {
+            Some(s) => s,
+            None => {
+                inner.slots.push(Slot::Free);
+                inner.slots.len() - 1
+            }
+        };
+        inner.slots[slot] = Slot::Stream(None, Default::default());
+        let accept = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(slot as u64);
+        // Safety: the entry points at no memory (the kernel takes the listener as it issues
+        // the entry, inside this call).
+        if let Err(e) = inner.push(&[accept]) {
+            inner.slots[slot] = Slot::Free;
+            inner.free.push(slot);
+            return Err(e);
+        }
+        slot
+    };
+    Ok(Accepts {
+        ring,
+        slot,
+        ended: false,
+    })
+}
+
+impl Accepts {
+    /// The next accepted socket, or the error the accept ended with; `None` once it has ended
+    /// and everything before has been taken.
+    pub async fn next(&mut self) -> Option<io::Result<OwnedFd>> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<OwnedFd>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let (got, wakers) = {
+            let mut inner = self.ring.inner.lock().unwrap();
+            let wakers = inner.reap();
+            let Slot::Stream(waker, queue) = &mut inner.slots[self.slot] else {
+                unreachable!("slot of a live multishot operation")
+            };
+            let got = queue.pop_front();
+            if got.is_none() && !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
+            if got.is_some_and(|(_, flags)| !cqueue::more(flags)) {
+                debug_assert!(queue.is_empty(), "completions after the last one");
+                inner.slots[self.slot] = Slot::Free;
+                let slot = self.slot;
+                inner.free.push(slot);
+                self.ended = true;
+            }
+            (got, wakers)
+        };
+        for w in wakers {
+            w.wake();
+        }
+        match got {
+            None => Poll::Pending,
+            // Safety: a successful accept completion is a new descriptor, ours alone.
+            Some((res, _)) if res >= 0 => {
+                Poll::Ready(Some(Ok(unsafe { OwnedFd::from_raw_fd(res) })))
+            }
+            // The kernel ended it without an error (its completion queue overflowed).
+            Some((res, _)) if -res == libc::ECANCELED => Poll::Ready(None),
+            Some((res, _)) => Poll::Ready(Some(Err(io::Error::from_raw_os_error(-res)))),
+        }
+    }
+}
+
+impl Drop for Accepts {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let mut inner = self.ring.inner.lock().unwrap();
+        let queued = match std::mem::replace(
+            &mut inner.slots[self.slot],
+            Slot::Abandoned(Box::new(()), Brings::Descriptors),
+        ) {
+            Slot::Stream(_, queue) => queue,
+            _ => unreachable!("slot of a live multishot operation"),
+        };
+        let mut last = false;
+        for (res, flags) in queued {
+            if res >= 0 {
+                // Safety: accepted, never handed out: ours to close.
+                drop(unsafe { OwnedFd::from_raw_fd(res) });
+            }
+            last |= !cqueue::more(flags);
+        }
+        if last {
+            inner.slots[self.slot] = Slot::Free;
+            inner.free.push(self.slot);
+            return;
+        }
+        let cancel = opcode::AsyncCancel::new(self.slot as u64)
+            .build()
+            .user_data(IGNORE);
+        // A failed cancel leaves the accept armed until the ring goes; what it accepts is
+        // closed at each completion.
+        let _ = inner.push(&[cancel]);
+        let wakers = inner.reap();
+        drop(inner);
+        for w in wakers {
+            w.wake();
+        }
+    }
 }
 
 /// Which way a [`splice`] moves bytes.
@@ -1224,6 +1610,199 @@ mod tests {
         let mut buf = BytesMut::new();
         let n = recv(&ff, &mut buf, 64).await.unwrap();
         assert_eq!(&buf[..n], b"new");
+    }
+
+    /// Slots of this thread's ring that are not free.
+    fn busy_slots() -> usize {
+        let ring = Ring::current().unwrap();
+        ring.reap();
+        let inner = ring.inner.lock().unwrap();
+        inner
+            .slots
+            .iter()
+            .filter(|s| !matches!(s, Slot::Free))
+            .count()
+    }
+
+    /// One multishot accept takes many connections, each a working non-blocking socket, and
+    /// stays one operation in the ring while it does.
+    #[tokio::test(flavor = "current_thread")]
+    async fn one_multishot_accept_takes_every_connection() {
+        if let Err(e) = available() {
+            return eprintln!("io_uring not available here: {e}");
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut accepts = accept_multi(&listener).unwrap();
+        let mut clients = Vec::new();
+        for i in 0..50u8 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(&[i]).await.unwrap();
+            clients.push(c);
+        }
+        for i in 0..50u8 {
+            let fd = accepts.next().await.expect("armed").expect("accepted");
+            let mut s = tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd)).unwrap();
+            let mut got = [0u8; 1];
+            s.read_exact(&mut got).await.unwrap();
+            assert_eq!(got[0], i, "connections out of order");
+            s.write_all(b"ok").await.unwrap();
+        }
+        assert_eq!(busy_slots(), 1, "one multishot accept, still armed");
+        for mut c in clients {
+            let mut got = [0u8; 2];
+            c.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"ok");
+        }
+        drop(accepts);
+        assert_eq!(busy_slots(), 0, "the cancelled accept kept its slot");
+    }
+
+    /// A multishot accept dropped with connections it took and nobody collected closes them
+    /// (their clients see the end, nothing leaks), and the listener works again afterwards.
+    #[tokio::test(flavor = "current_thread")]
+    async fn dropped_accept_closes_what_it_took() {
+        if let Err(e) = available() {
+            return eprintln!("io_uring not available here: {e}");
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut accepts = accept_multi(&listener).unwrap();
+        let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let taken = accepts.next().await.unwrap().unwrap();
+        // Accepted by the kernel, never collected.
+        let mut orphans = Vec::new();
+        for _ in 0..5 {
+            orphans.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Wait until the ring has taken them: the listener's backlog is empty.
+        let lfd = listener.as_raw_fd();
+        let took_all = || {
+            let mut p = libc::pollfd {
+                fd: lfd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // Safety: one valid pollfd, no wait.
+            unsafe { libc::poll(&mut p, 1, 0) == 0 }
+        };
+        while !took_all() {
+            tokio::task::yield_now().await;
+        }
+        drop(accepts);
+        for mut o in orphans {
+            let mut buf = [0u8; 1];
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), o.read(&mut buf))
+                .await
+                .expect("an orphaned connection stayed open");
+            assert!(matches!(r, Ok(0) | Err(_)), "orphan read {r:?}");
+        }
+        assert_eq!(busy_slots(), 0);
+        // The one collected before is still ours and open.
+        let mut s = tokio::net::TcpStream::from_std(std::net::TcpStream::from(taken)).unwrap();
+        s.write_all(b"still").await.unwrap();
+        let mut got = [0u8; 5];
+        first.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"still");
+        // And the listener takes connections again, through tokio or a new multishot accept.
+        let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut again = accept_multi(&listener).unwrap();
+        assert!(again.next().await.unwrap().is_ok());
+    }
+
+    /// Receives into the fixed buffers put the bytes after the frame headroom, give the
+    /// buffer back when dropped, say `None` with every buffer out, and see the end of file.
+    #[tokio::test(flavor = "current_thread")]
+    async fn fixed_receives_lend_registered_buffers() {
+        let Some((mut a, _b, fb)) = ring_pair().await else {
+            return;
+        };
+        let ring = Ring::current().unwrap();
+        let Some(pool) = ring.fixed_pool().cloned() else {
+            return eprintln!("the kernel would not register fixed buffers here");
+        };
+        let free = || pool.available.load(Ordering::Relaxed);
+        assert_eq!(free(), FIXED_BUFS as usize);
+        let data: Vec<u8> = (0..FIXED_BUF_LEN + 1000).map(|i| (i % 253) as u8).collect();
+        let writer = tokio::spawn(async move {
+            a.write_all(&data).await.unwrap();
+            a
+        });
+        let mut held = Vec::new();
+        let mut got = Vec::new();
+        while got.len() < FIXED_BUF_LEN + 1000 {
+            let mut b = recv_fixed(&fb, FIXED_BUF_LEN)
+                .await
+                .unwrap()
+                .expect("a free buffer");
+            assert!(!b.is_empty());
+            assert_eq!(b.framed_mut().len(), HEADROOM + b.len());
+            got.extend_from_slice(&b.as_ref()[HEADROOM..]);
+            held.push(b);
+            if held.len() == FIXED_BUFS as usize {
+                break;
+            }
+        }
+        let want: Vec<u8> = (0..got.len()).map(|i| (i % 253) as u8).collect();
+        assert!(got == want, "bytes changed on the way");
+        let mut a = writer.await.unwrap();
+        if held.len() == FIXED_BUFS as usize {
+            assert!(recv_fixed(&fb, 64).await.unwrap().is_none());
+        }
+        drop(held);
+        assert_eq!(
+            free(),
+            FIXED_BUFS as usize,
+            "dropped buffers not given back"
+        );
+        // Whatever is left, then the end.
+        a.shutdown().await.unwrap();
+        loop {
+            let b = recv_fixed(&fb, FIXED_BUF_LEN).await.unwrap().unwrap();
+            if b.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(free(), FIXED_BUFS as usize);
+    }
+
+    /// A zero-copy sendmsg delivers the bytes intact, and its slot (holding the buffers)
+    /// stays taken until the kernel's notification, then frees.
+    #[tokio::test(flavor = "current_thread")]
+    async fn zerocopy_sendmsg_keeps_buffers_until_notified() {
+        let Some((mut a, _b, fb)) = ring_pair().await else {
+            return;
+        };
+        let data: Bytes = (0..4 << 20)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 4 << 20];
+            a.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let mut off = 0;
+        while off < data.len() {
+            let parts = vec![
+                data.slice(off..(off + 100).min(data.len())),
+                data.slice((off + 100).min(data.len())..(off + 256 * 1024).min(data.len())),
+            ];
+            off += sendmsg_as(&fb, parts, 0, true).await.unwrap();
+        }
+        assert!(
+            reader.await.unwrap() == data[..],
+            "bytes changed on the way"
+        );
+        // Every notification arrives (the receiver has read everything).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while busy_slots() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a zero-copy send never notified"
+            );
+            tokio::task::yield_now().await;
+        }
     }
 
     /// Splice through a pipe both ways, each behind its poll: socket → pipe → socket.
