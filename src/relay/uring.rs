@@ -297,14 +297,7 @@ impl Ring {
     ) -> Op<T> {
         let (slot, wakers) = {
             let mut inner = self.inner.lock().unwrap();
-            let slot = match inner.free.pop() {
-                Some(s) => s,
-                None => {
-                    inner.slots.push(Slot::Free);
-                    inner.slots.len() - 1
-                }
-            };
-            inner.slots[slot] = Slot::Waiting(None);
+            let slot = inner.take_slot(Slot::Waiting(None));
             let skip = inner.skip_success;
             let sqes = entries(&keep, slot as u64, skip);
             let pushed = inner.push(&sqes);
@@ -326,6 +319,24 @@ impl Ring {
 }
 
 impl Inner {
+    /// A free slot (or a new one), now in state `state`.
+    fn take_slot(&mut self, state: Slot) -> usize {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(Slot::Free);
+                self.slots.len() - 1
+            }
+        };
+        self.slots[slot] = state;
+        slot
+    }
+
+    fn free_slot(&mut self, slot: usize) {
+        self.slots[slot] = Slot::Free;
+        self.free.push(slot);
+    }
+
     /// Push `sqes` (kept together, so a link is never split) and submit.
     fn push(&mut self, sqes: &[squeue::Entry]) -> io::Result<()> {
         loop {
@@ -402,8 +413,7 @@ impl Inner {
                     }
                     self.give_back(flags);
                     if !cqueue::more(flags) {
-                        self.slots[slot] = Slot::Free;
-                        self.free.push(slot);
+                        self.free_slot(slot);
                     }
                 }
                 Slot::Free | Slot::Done(..) => {
@@ -505,8 +515,7 @@ impl<T: Send + Unpin + 'static> Op<T> {
                     let keep = this.keep.take().expect("polled after completion");
                     inner.slots[this.slot] = Slot::Abandoned(Box::new(keep), Brings::Nothing);
                 } else {
-                    inner.slots[this.slot] = Slot::Free;
-                    inner.free.push(this.slot);
+                    inner.free_slot(this.slot);
                 }
             }
             (res, wakers)
@@ -539,8 +548,7 @@ impl<T: Send + 'static> Drop for Op<T> {
                 // Its last completion is still to come: the slot keeps what the kernel uses.
                 inner.slots[self.slot] = Slot::Abandoned(Box::new(keep), Brings::Nothing);
             } else {
-                inner.slots[self.slot] = Slot::Free;
-                inner.free.push(self.slot);
+                inner.free_slot(self.slot);
             }
             return;
         }
@@ -977,9 +985,8 @@ pub async fn recv_fixed(fd: &SockFd, max: usize) -> io::Result<Option<PoolBuf>> 
     };
     let max = max.min(buf.capacity()) as u32;
     loop {
-        // Safety: the read writes at most `max` bytes after the headroom of the buffer whose
-        // id the operation owns (inside the registered iovec of index `bid`) until its
-        // completion.
+        // The read writes at most `max` bytes after the headroom of buffer `bid` (inside its
+        // registered iovec). Safety: the operation owns that buffer's id until its completion.
         let op = unsafe {
             ring.start((fd.clone(), buf), |(k, b), ud, _| {
                 let at = b.pool.mem.add(b.bid as usize * b.pool.stride + HEADROOM);
@@ -1102,9 +1109,8 @@ async fn sendmsg_once(
     g.msg.msg_iovlen = g.iov.len();
     let zerocopy = zerocopy && g.iov.iter().map(|v| v.iov_len).sum::<usize>() >= ZEROCOPY_MIN;
     let flags = (flags | libc::MSG_NOSIGNAL) as u32;
-    // Safety: the msghdr and the iovecs and buffers it points to live in the box, owned by
-    // the operation until its last completion (a zero-copy send's comes when the kernel has
-    // let go of the pages: its slot keeps the box until then); the kernel only reads them.
+    // A zero-copy send's last completion comes when the kernel lets go of the pages.
+    // Safety: the box (msghdr, iovecs, buffers) is the operation's until its last completion.
     let mut op = unsafe {
         ring()?.start((fd.clone(), g), |(k, g), ud, _| {
             vec![match zerocopy {
@@ -1144,23 +1150,15 @@ pub fn accept_multi(listener: &impl AsRawFd) -> io::Result<Accepts> {
     let fd = listener.as_raw_fd();
     let slot = {
         let mut inner = ring.inner.lock().unwrap();
-        let slot = match inner.free.pop() {
-            Some(s) => s,
-            None => {
-                inner.slots.push(Slot::Free);
-                inner.slots.len() - 1
-            }
-        };
-        inner.slots[slot] = Slot::Stream(None, Default::default());
+        let slot = inner.take_slot(Slot::Stream(None, Default::default()));
         let accept = opcode::AcceptMulti::new(types::Fd(fd))
             .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
             .build()
             .user_data(slot as u64);
-        // Safety: the entry points at no memory (the kernel takes the listener as it issues
-        // the entry, inside this call).
+        // The entry points at no memory; the kernel takes the listener as it issues the
+        // entry, inside this call.
         if let Err(e) = inner.push(&[accept]) {
-            inner.slots[slot] = Slot::Free;
-            inner.free.push(slot);
+            inner.free_slot(slot);
             return Err(e);
         }
         slot
@@ -1195,9 +1193,8 @@ impl Accepts {
             }
             if got.is_some_and(|(_, flags)| !cqueue::more(flags)) {
                 debug_assert!(queue.is_empty(), "completions after the last one");
-                inner.slots[self.slot] = Slot::Free;
                 let slot = self.slot;
-                inner.free.push(slot);
+                inner.free_slot(slot);
                 self.ended = true;
             }
             (got, wakers)
@@ -1240,8 +1237,7 @@ impl Drop for Accepts {
             last |= !cqueue::more(flags);
         }
         if last {
-            inner.slots[self.slot] = Slot::Free;
-            inner.free.push(self.slot);
+            inner.free_slot(self.slot);
             return;
         }
         let cancel = opcode::AsyncCancel::new(self.slot as u64)
