@@ -30,10 +30,8 @@ use ringfwd::metrics::names;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const BIN: &str = env!("CARGO_BIN_EXE_ringfwd");
-/// Longest wait for anything polled (a scrape, a stall, Prometheus starting).
+/// Longest wait for anything (a scrape, a stall, Prometheus starting).
 const DEADLINE: Duration = Duration::from_secs(60);
-/// Between two polls of something that has not happened yet.
-const POLL: Duration = Duration::from_millis(100);
 
 // ---------------------------------------------------------------------------------------------
 // Tools
@@ -60,16 +58,65 @@ fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
     found
 }
 
-/// Poll `f` every [`POLL`] until it answers `Some`, for at most [`DEADLINE`].
-fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+/// A count of something that happens (a scrape request, bytes crossing the session's proxy)
+/// that wakes whoever waits for the next one: how a test waits for state it can only look at
+/// (a gauge, a query result) without sleeping. It looks again each time the system has done
+/// something.
+#[derive(Clone, Default)]
+struct Events(Arc<(Mutex<u64>, std::sync::Condvar)>);
+
+impl Events {
+    fn bump(&self) {
+        *self.0.0.lock().unwrap() += 1;
+        self.0.1.notify_all();
+    }
+
+    fn seen(&self) -> u64 {
+        *self.0.0.lock().unwrap()
+    }
+
+    /// Wait until one has happened after the first `seen`, failing at `end`.
+    fn wait_after(&self, seen: u64, end: Instant, what: &str) {
+        let mut n = self.0.0.lock().unwrap();
+        while *n <= seen {
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "timed out waiting for {what}");
+            n = self.0.1.wait_timeout(n, left).unwrap().0;
+        }
+    }
+}
+
+/// Ask `f` now and again after each of `events`, until it answers `Some` (for at most
+/// [`DEADLINE`]).
+fn poll_on<T>(events: &Events, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + DEADLINE;
     loop {
+        let seen = events.seen();
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(POLL);
+        events.wait_after(seen, end, what);
     }
+}
+
+/// Copy `from` to `to` until either ends, bumping `events` for every chunk that crossed, then
+/// pass the end on.
+fn copy_counting(mut from: TcpStream, mut to: TcpStream, events: Events, count: fn(&[u8]) -> u64) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                for _ in 0..count(&buf[..n]) {
+                    events.bump();
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
 }
 
 /// A minimal HTTP/1.0 GET (no chunking to undo): `(status, body)`.
@@ -137,6 +184,8 @@ fn families(exposition: &str) -> Vec<(String, String)> {
 struct Proxy {
     port: u16,
     open: Arc<Mutex<Vec<TcpStream>>>,
+    /// Chunks that crossed, either way (the session's data, and its PINGs every 100 ms).
+    traffic: Events,
 }
 
 impl Proxy {
@@ -145,6 +194,8 @@ impl Proxy {
         let port = l.local_addr().unwrap().port();
         let open = Arc::new(Mutex::new(Vec::new()));
         let registry = open.clone();
+        let traffic = Events::default();
+        let events = traffic.clone();
         std::thread::spawn(move || {
             for c in l.incoming() {
                 let Ok(c) = c else { return };
@@ -152,16 +203,17 @@ impl Proxy {
                     continue;
                 };
                 registry.lock().unwrap().push(c.try_clone().unwrap());
-                for (mut from, mut to) in [(c.try_clone().unwrap(), u.try_clone().unwrap()), (u, c)]
-                {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(Shutdown::Write);
-                    });
+                for (from, to) in [(c.try_clone().unwrap(), u.try_clone().unwrap()), (u, c)] {
+                    let events = events.clone();
+                    std::thread::spawn(move || copy_counting(from, to, events, |_| 1));
                 }
             }
         });
-        Proxy { port, open }
+        Proxy {
+            port,
+            open,
+            traffic,
+        }
     }
 
     /// Cut every connection open now.
@@ -294,9 +346,11 @@ impl Rig {
         // the forward reports its session reader waiting for us.
         let n = 128u64 << 20;
         let mut slow = self.request(n);
-        poll("the session reader to stall on the slow client", || {
-            (sample_sum(&self.scrape(), names::SESSIONS_STALLED, &[])? >= 1.0).then_some(())
-        });
+        poll_on(
+            &self.proxy.traffic,
+            "the session reader to stall on the slow client",
+            || (sample_sum(&self.scrape(), names::SESSIONS_STALLED, &[])? >= 1.0).then_some(()),
+        );
         let mut got = 0u64;
         let mut buf = vec![0u8; 256 * 1024];
         while got < n {
@@ -335,10 +389,40 @@ struct Prometheus {
     _child: KillOnDrop,
     addr: String,
     _dir: tempfile::TempDir,
+    /// Scrape requests Prometheus has sent (it scrapes through a counting proxy). A scrape
+    /// starts only after the one before has been stored, so the next one says the last is in.
+    scrapes: Events,
+}
+
+/// A proxy to `target` that counts the `GET /metrics` requests sent through it; its address.
+fn scrape_counter(target: &str, scrapes: Events) -> String {
+    let target: SocketAddr = target.parse().unwrap();
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let Ok(u) = TcpStream::connect(target) else {
+                continue;
+            };
+            let (c2, u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
+            let (none, requests) = (Events::default(), scrapes.clone());
+            std::thread::spawn(move || copy_counting(u2, c2, none, |_| 0));
+            // A request is small and written at once: its line is within one read.
+            std::thread::spawn(move || {
+                copy_counting(c, u, requests, |b| {
+                    b.windows(12).filter(|w| w == b"GET /metrics").count() as u64
+                })
+            });
+        }
+    });
+    addr
 }
 
 impl Prometheus {
     fn start(bin: &Path, target: &str) -> Prometheus {
+        let scrapes = Events::default();
+        let target = scrape_counter(target, scrapes.clone());
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
@@ -398,6 +482,7 @@ impl Prometheus {
                     _child: child,
                     addr,
                     _dir: dir,
+                    scrapes,
                 };
             }
             let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -423,7 +508,7 @@ impl Prometheus {
 
     /// Polls until `promql` returns at least one sample with a finite value.
     fn wait_for_data(&self, promql: &str) -> Vec<serde_json::Value> {
-        poll(&format!("data for {promql}"), || {
+        poll_on(&self.scrapes, &format!("data for {promql}"), || {
             let r = self.query(promql);
             r.iter()
                 .any(|s| {
@@ -536,10 +621,14 @@ fn prometheus_scrapes_and_every_dashboard_panel_has_data() {
     };
     let rig = Rig::start();
     let prom = Prometheus::start(&bin, &rig.metrics);
-    poll("prometheus's first scrape of ringfwd", || {
-        let t = prom.api("/api/v1/targets");
-        (t["data"]["activeTargets"][0]["health"] == "up").then_some(())
-    });
+    poll_on(
+        &prom.scrapes,
+        "prometheus's first scrape of ringfwd",
+        || {
+            let t = prom.api("/api/v1/targets");
+            (t["data"]["activeTargets"][0]["health"] == "up").then_some(())
+        },
+    );
     rig.exercise();
 
     // The last numbers were scraped: the reconnect and a PING round trip are in.
@@ -877,7 +966,7 @@ fn streams_endpoint_lists_open_connections() {
     let mut c = rig.request(1 << 40);
     let mut buf = vec![0u8; 1 << 20];
     c.read_exact(&mut buf).unwrap();
-    let stream = poll("the open stream in /streams", || {
+    let stream = poll_on(&rig.proxy.traffic, "the open stream in /streams", || {
         let (status, body) = http_get(&rig.metrics, "/streams").ok()?;
         assert_eq!(status, 200);
         let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
@@ -1033,24 +1122,6 @@ impl OnTerminal {
     }
 }
 
-/// Waits until the sampler has updated the open stream's rate twice (two ticks, each of which
-/// draws the live view when it is on).
-fn two_sampler_ticks(metrics: &str) {
-    let rate = || -> Option<u64> {
-        let (_, body) = http_get(metrics, "/streams").ok()?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        v["streams"][0]["rate_down_bytes_per_second"].as_u64()
-    };
-    let mut seen = Vec::new();
-    poll("two sampler ticks", || {
-        let r = rate()?;
-        if seen.last() != Some(&r) {
-            seen.push(r);
-        }
-        (seen.len() >= 3).then_some(())
-    });
-}
-
 /// On a terminal the live view draws one status line per forward and redraws it in place;
 /// with `--quiet`, or when stderr is not a terminal, there is none.
 #[test]
@@ -1067,35 +1138,36 @@ fn live_status_line_on_a_terminal_only() {
         &rig.name,
         &remote,
     ];
-    for quiet in [false, true] {
-        let mut args = common.to_vec();
-        if quiet {
-            args.push("--quiet");
-        }
-        let term = OnTerminal::start(&args);
-        let (local, metrics) = term.ports();
-        // An endless download keeps the stream open and its rate moving.
+    // An endless download keeps a forward's stream open and its rate moving.
+    let download = |local: u16| {
         let mut c = TcpStream::connect((Ipv4Addr::LOCALHOST, local)).unwrap();
         c.set_read_timeout(Some(procs::IO_TIMEOUT)).unwrap();
         c.write_all(&(1u64 << 40).to_le_bytes()).unwrap();
         let mut buf = vec![0u8; 64 * 1024];
-        let reader =
-            std::thread::spawn(move || while matches!(c.read(&mut buf), Ok(k) if k > 0) {});
-        two_sampler_ticks(&metrics);
-        let line = format!("{}  1 connection  up 8 B", rig.name);
-        if quiet {
-            assert!(!term.text().contains(&line), "status line with --quiet");
-        } else {
-            term.wait_for("the status line, redrawn", |t| {
-                let first = t.find(&line)?;
-                // Redrawn in place: erased (carriage return, erase below) and written again.
-                t[first..].find("\r\x1b[J")?;
-                t[first..].matches(&line).nth(1).map(|_| ())
-            });
-        }
-        drop(term.child);
-        let _ = reader.join();
-    }
+        std::thread::spawn(move || while matches!(c.read(&mut buf), Ok(k) if k > 0) {})
+    };
+    // The quiet forward runs first, with its download open, so that it has had as many
+    // sampler ticks to draw in as the live one when that one has drawn three times.
+    let mut quiet_args = common.to_vec();
+    quiet_args.push("--quiet");
+    let quiet = OnTerminal::start(&quiet_args);
+    let quiet_reader = download(quiet.ports().0);
+    let live = OnTerminal::start(&common);
+    let live_reader = download(live.ports().0);
+    let line = format!("{}  1 connection  up 8 B", rig.name);
+    live.wait_for("the status line, redrawn", |t| {
+        let first = t.find(&line)?;
+        // Redrawn in place: erased (carriage return, erase below) and written again.
+        t[first..].find("\r\x1b[J")?;
+        t[first..].matches(&line).nth(2).map(|_| ())
+    });
+    assert!(!quiet.text().contains(&line), "status line with --quiet");
+    assert!(
+        quiet.text().contains("Forwarding from"),
+        "the quiet forward printed nothing at all"
+    );
+    drop((live.child, quiet.child));
+    let _ = (live_reader.join(), quiet_reader.join());
     // Not a terminal: the rig's own forward (stderr is a pipe) drew nothing.
     let mut fwd = rig.forward;
     fwd.stop();
