@@ -99,9 +99,9 @@ fn poll_on<T>(events: &Events, what: &str, mut f: impl FnMut() -> Option<T>) -> 
     }
 }
 
-/// Copy `from` to `to` until either ends, bumping `events` for every chunk that crossed, then
-/// pass the end on.
-fn copy_counting(mut from: TcpStream, mut to: TcpStream, events: Events, count: fn(&[u8]) -> u64) {
+/// Copy `from` to `to` until either ends, showing `seen` every chunk that crossed, then pass
+/// the end on.
+fn copy_watching(mut from: TcpStream, mut to: TcpStream, mut seen: impl FnMut(&[u8])) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf) {
@@ -110,9 +110,7 @@ fn copy_counting(mut from: TcpStream, mut to: TcpStream, events: Events, count: 
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
-                for _ in 0..count(&buf[..n]) {
-                    events.bump();
-                }
+                seen(&buf[..n]);
             }
         }
     }
@@ -205,7 +203,7 @@ impl Proxy {
                 registry.lock().unwrap().push(c.try_clone().unwrap());
                 for (from, to) in [(c.try_clone().unwrap(), u.try_clone().unwrap()), (u, c)] {
                     let events = events.clone();
-                    std::thread::spawn(move || copy_counting(from, to, events, |_| 1));
+                    std::thread::spawn(move || copy_watching(from, to, |_| events.bump()));
                 }
             }
         });
@@ -406,12 +404,14 @@ fn scrape_counter(target: &str, scrapes: Events) -> String {
                 continue;
             };
             let (c2, u2) = (c.try_clone().unwrap(), u.try_clone().unwrap());
-            let (none, requests) = (Events::default(), scrapes.clone());
-            std::thread::spawn(move || copy_counting(u2, c2, none, |_| 0));
+            let requests = scrapes.clone();
+            std::thread::spawn(move || copy_watching(u2, c2, |_| {}));
             // A request is small and written at once: its line is within one read.
             std::thread::spawn(move || {
-                copy_counting(c, u, requests, |b| {
-                    b.windows(12).filter(|w| w == b"GET /metrics").count() as u64
+                copy_watching(c, u, |b| {
+                    for _ in b.windows(12).filter(|w| w == b"GET /metrics") {
+                        requests.bump();
+                    }
                 })
             });
         }

@@ -30,10 +30,10 @@
 //! keep their slot until the completion without `IORING_CQE_F_MORE`; an abandoned accept
 //! closes the sockets that still arrive.
 //!
-//! Two more ways to move bulk bytes are here, each off by default because it measured slower
-//! on loopback (perf/2026-12-02-uring-extras.md): receives into registered (fixed) buffers
-//! ([`recv_fixed`], `RINGFWD_URING_FIXED=1`) and zero-copy `sendmsg` ([`zerocopy_enabled`],
-//! `RINGFWD_URING_ZEROCOPY=1`).
+//! Two more ways to move bulk bytes are here, each off by default because it measured no
+//! faster on loopback (perf/2026-12-02-uring-extras.md): receives into registered (fixed)
+//! buffers ([`recv_fixed`], `RINGFWD_URING_FIXED=1`: no measurable change) and zero-copy
+//! `sendmsg` ([`zerocopy_enabled`], `RINGFWD_URING_ZEROCOPY=1`: a third slower).
 //!
 //! Completions are reaped in three places: right after each submission (most socket operations
 //! complete inline, so the future is ready on its first poll), when a waiting future is polled,
@@ -1620,16 +1620,26 @@ mod tests {
             .count()
     }
 
+    /// A listener on port 0, its address, and a multishot accept armed on it; `None` (said
+    /// on stderr) where io_uring is not available.
+    async fn armed_listener() -> Option<(tokio::net::TcpListener, std::net::SocketAddr, Accepts)> {
+        if let Err(e) = available() {
+            eprintln!("io_uring not available here: {e}");
+            return None;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = accept_multi(&listener).unwrap();
+        Some((listener, addr, accepts))
+    }
+
     /// One multishot accept takes many connections, each a working non-blocking socket, and
     /// stays one operation in the ring while it does.
     #[tokio::test(flavor = "current_thread")]
     async fn one_multishot_accept_takes_every_connection() {
-        if let Err(e) = available() {
-            return eprintln!("io_uring not available here: {e}");
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut accepts = accept_multi(&listener).unwrap();
+        let Some((_listener, addr, mut accepts)) = armed_listener().await else {
+            return;
+        };
         let mut clients = Vec::new();
         for i in 0..50u8 {
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -1658,12 +1668,9 @@ mod tests {
     /// (their clients see the end, nothing leaks), and the listener works again afterwards.
     #[tokio::test(flavor = "current_thread")]
     async fn dropped_accept_closes_what_it_took() {
-        if let Err(e) = available() {
-            return eprintln!("io_uring not available here: {e}");
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut accepts = accept_multi(&listener).unwrap();
+        let Some((listener, addr, mut accepts)) = armed_listener().await else {
+            return;
+        };
         let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
         let taken = accepts.next().await.unwrap().unwrap();
         // Accepted by the kernel, never collected.
