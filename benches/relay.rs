@@ -9,8 +9,8 @@
 //!
 //! Groups are named `relay/<backend>`, with `<protocol>/<direction>` inside. The data plane
 //! is a [`Backend`]: `epoll` (splice between plain TCP sockets) and `copy` (read/write through
-//! user memory), both on tokio's epoll reactor, and `uring` (receives and sends on an io_uring
-//! ring per thread; `uring-splice` when `RINGFWD_URING_SPLICE=1`).
+//! user memory), both on tokio's epoll reactor, and `uring` (the sessions and their
+//! connections on io_uring worker threads that own their sockets).
 //!
 //! The load (client and targets) and the system under test (serve and forwarder) each run on
 //! a runtime of their own, as they would in separate processes.
@@ -84,7 +84,6 @@ struct Tokio {
 impl Backend for Tokio {
     fn name(&self) -> &'static str {
         match (self.ring, self.splice) {
-            (true, _) if ringfwd::relay::uring_splices() => "uring-splice",
             (true, _) => "uring",
             (false, true) => "epoll",
             (false, false) => "copy",
@@ -148,7 +147,7 @@ fn backends() -> Vec<Box<dyn Backend>> {
     match ringfwd::relay::uring::available() {
         Ok(()) => out.push(Box::new(Tokio {
             rt: runtime("sut-uring"),
-            splice: true,
+            splice: false,
             ring: true,
         })),
         Err(why) => eprintln!("relay/uring skipped: {why}"),

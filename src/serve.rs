@@ -271,6 +271,14 @@ pub async fn serve_with(
                 continue;
             }
         };
+        // The upgrade is HTTP, on tokio; the session then moves the socket where it runs.
+        let tcp = match tcp.into_tokio() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::debug!("connection from {peer}: {e}");
+                continue;
+            }
+        };
         crate::relay::tune_socket(&tcp);
         let dialer = dialer.clone();
         let opts = opts.clone();

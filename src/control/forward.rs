@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore, watch};
 
 use super::ControlError;
@@ -35,7 +35,9 @@ use crate::metrics::{ForwardMetrics, Outcome};
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
 use crate::proto::{ConnId, PortForwardProtocol};
-use crate::relay::{ConnOutcome, LogThrottle, Session, SessionOptions, also, relay_opened_conn};
+use crate::relay::{
+    ConnOutcome, LocalConn, LogThrottle, Session, SessionOptions, also, relay_opened_conn,
+};
 use crate::secret::{Secret, SecretUrl, redact_url};
 
 /// Where sessions come from.
@@ -577,10 +579,10 @@ impl Forwarder {
 
     /// A connection past `--max-connections`: reset it now, count it, and say why (at most
     /// once per [`crate::relay::LOG_EVERY`]).
-    fn over_limit(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) {
+    fn over_limit(&self, tcp: LocalConn, peer: SocketAddr, remote: u16) {
         let max = self.connector.cfg.pool.max_connections;
         let stream = self.connector.cfg.metrics.accept(Some(peer), remote);
-        let _ = tcp.set_zero_linger();
+        crate::relay::backend::reset_on_close(&tcp);
         drop(tcp);
         let why = format!("{max} connections open (--max-connections {max})");
         if let Some(n) = self.refusals.count(Instant::now()) {
@@ -593,7 +595,13 @@ impl Forwarder {
     }
 
     /// Relay one accepted connection; returns how it ended.
-    pub async fn handle(&self, tcp: TcpStream, peer: SocketAddr, remote: u16) -> ConnOutcome {
+    pub async fn handle(
+        &self,
+        tcp: impl Into<LocalConn>,
+        peer: SocketAddr,
+        remote: u16,
+    ) -> ConnOutcome {
+        let tcp: LocalConn = tcp.into();
         tracing::debug!("handling connection from {peer} for port {remote}");
         // Counted from here, so that a shutdown also waits for (and then cuts) connections
         // still waiting for a session.
@@ -631,12 +639,12 @@ impl Forwarder {
                     (s, outcome)
                 }
                 Err(ControlError::ShuttingDown) => {
-                    let _ = tcp.set_zero_linger();
+                    crate::relay::backend::reset_on_close(&tcp);
                     stream.finish(Outcome::Shutdown, &"no session yet at shutdown");
                     return ConnOutcome::Shutdown;
                 }
                 Err(e @ ControlError::StreamLimit { .. }) => {
-                    let _ = tcp.set_zero_linger();
+                    crate::relay::backend::reset_on_close(&tcp);
                     if let Some(n) = self.refusals.count(Instant::now()) {
                         tracing::warn!(
                             "connection from {peer} to port {remote} reset: {e}{}",
@@ -728,14 +736,14 @@ impl Forwarder {
         OpenGuard(self, id)
     }
 
-    fn no_session(&self, tcp: TcpStream, peer: SocketAddr, remote: u16, e: String) -> ConnOutcome {
+    fn no_session(&self, tcp: LocalConn, peer: SocketAddr, remote: u16, e: String) -> ConnOutcome {
         if let Some(cell) = &self.connector.target {
             cell.suspect();
         }
         tracing::error!(
             "connection from {peer} to port {remote}: cannot open upstream session: {e}"
         );
-        let _ = tcp.set_zero_linger();
+        crate::relay::backend::reset_on_close(&tcp);
         ConnOutcome::SessionLost(e)
     }
 }

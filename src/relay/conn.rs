@@ -21,14 +21,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::pipe::{self, Pipe, SpliceIn};
+use super::backend::{self, Received, Socket};
+use super::pipe::{Pipe, SpliceIn};
 use super::session::{Inbound, Session};
-use super::uring::{self, SockFd};
-use super::{READ_BUF, RelayError, SMALL_READ, SPLICE_MIN};
+use super::{LocalConn, READ_BUF, RelayError, SMALL_READ, SPLICE_MIN};
 use crate::metrics::{Outcome, Stream, StreamStats};
 use crate::proto::{ConnId, HEADROOM};
 
@@ -100,25 +99,18 @@ enum Side {
 /// `busy` is dropped as soon as the local client has finished sending (or the connection has
 /// ended): from then on the connection only drains what the server still sends, and whoever
 /// handed out the session (the pool) may give it to another connection.
-pub async fn relay_opened_conn<B: Send>(
+///
+/// A session on an io_uring worker relays the connection on that worker (the socket leaves
+/// tokio's reactor); any other session relays it here, through tokio.
+pub async fn relay_opened_conn<B: Send + 'static>(
     session: &Session,
-    tcp: TcpStream,
+    local: LocalConn,
     conn: ConnId,
     inbound: crate::relay::queue::Receiver<Inbound>,
     busy: B,
     stream: Stream,
 ) -> ConnOutcome {
-    let outcome = relay(
-        session,
-        tcp,
-        conn,
-        inbound,
-        Side::Client,
-        busy,
-        stream.stats(),
-    )
-    .await;
-    finish(stream, outcome)
+    relay_on_worker(session, local, conn, inbound, Side::Client, busy, stream).await
 }
 
 /// Server role: relay upstream connection `conn` to the dialled target `tcp`.
@@ -129,17 +121,47 @@ pub async fn relay_server_conn(
     inbound: crate::relay::queue::Receiver<Inbound>,
     stream: Stream,
 ) -> ConnOutcome {
-    let outcome = relay(
+    relay_on_worker(
         session,
-        tcp,
+        LocalConn::Tokio(tcp),
         conn,
         inbound,
         Side::Server,
         (),
-        stream.stats(),
+        stream,
     )
-    .await;
-    finish(stream, outcome)
+    .await
+}
+
+/// Relay on the session's worker if it has one, else here.
+async fn relay_on_worker<B: Send + 'static>(
+    session: &Session,
+    local: LocalConn,
+    conn: ConnId,
+    inbound: crate::relay::queue::Receiver<Inbound>,
+    side: Side,
+    busy: B,
+    stream: Stream,
+) -> ConnOutcome {
+    let Some(worker) = session.worker() else {
+        let outcome = match local.into_tokio() {
+            Ok(tcp) => relay(session, tcp, conn, inbound, side, busy, stream.stats()).await,
+            Err(e) => ConnOutcome::Local(e),
+        };
+        return finish(stream, outcome);
+    };
+    let sock = match local.into_ring() {
+        Ok(sock) => sock,
+        Err(e) => return finish(stream, ConnOutcome::Local(e)),
+    };
+    let s = session.clone();
+    let task = worker.spawn(async move {
+        let outcome = relay(&s, sock, conn, inbound, side, busy, stream.stats()).await;
+        finish(stream, outcome)
+    });
+    // (Dropping this future drops the handle, which ends the relay on the worker.)
+    task.await
+        .unwrap_or_else(|| ConnOutcome::SessionLost("the io_uring worker stopped".into()))
 }
 
 fn finish(stream: Stream, outcome: ConnOutcome) -> ConnOutcome {
@@ -153,25 +175,18 @@ fn micros_since(base: Instant) -> u64 {
 }
 
 // Every open connection keeps this future for its whole life, idle or not: the futures of
-// the bulk paths (splices, batched writes, the ring's sends) are boxed when they run, so that
-// only the small interactive ones (a read, a DATA frame, a write) are part of its size.
-async fn relay<B: Send>(
+// the bulk paths (splices, batched writes) are boxed when they run, so that only the small
+// interactive ones (a receive, a DATA frame, a send) are part of its size.
+async fn relay<S: Socket, B: Send>(
     session: &Session,
-    mut tcp: TcpStream,
+    sock: S,
     conn: ConnId,
     mut inbound: crate::relay::queue::Receiver<Inbound>,
     side: Side,
     busy: B,
     stats: &StreamStats,
 ) -> ConnOutcome {
-    super::tune_socket(&tcp);
-    // The io_uring backend moves this socket's bytes through the ring (operations still in
-    // the kernel keep the socket open themselves; `tcp` outlives every one started here).
-    let ring = match session.uses_ring() {
-        true => Some(SockFd::new(&tcp)),
-        false => None,
-    };
-    let ring = ring.as_ref();
+    super::tune_socket(sock.as_fd());
     // A client-side FIN is held back from servers that would turn it into a 1 s kill timer
     // (see SessionOptions::forward_half_close), and from protocols that cannot carry it.
     let wire_half_close = session.half_close_on_wire();
@@ -185,11 +200,12 @@ async fn relay<B: Send>(
     // Local bytes read but not yet handed to the session.
     let up_pending = AtomicBool::new(false);
     let eof_notify = Notify::new();
+    let sock = &sock;
 
     let outcome = {
-        let (mut rd, mut wr) = tcp.split();
         let up = async {
             let max = session.max_payload();
+            let splice = session.can_splice();
             let mut buf = BytesMut::new();
             // Spliced upload: the pipe this connection's payload waits in for the writer.
             let mut pipe: Option<Arc<Pipe>> = None;
@@ -206,66 +222,41 @@ async fn relay<B: Send>(
                     pipe = None;
                 }
                 // Spliceable or not, a bulk sender's reads are as large as frames allow.
-                let limit = if session.can_splice() {
-                    SMALL_READ
-                } else {
-                    max
-                };
-                // What a receive into one of the ring's provided buffers got.
-                let mut pooled = None;
-                if let Some(ring) = ring {
-                    // A bulk read waits in its own receive or splice; between messages, a
-                    // receive waits holding no buffer (the kernel picks one of the ring's
-                    // when bytes arrive), or a poll does when the ring has none to give.
-                    if !bulk {
-                        let recv = uring::recv_pooled(ring, limit).map_err(ConnOutcome::Local)?;
-                        pooled = match recv.await.map_err(ConnOutcome::Local)? {
-                            uring::Pooled::NoBuffer => None,
-                            got => Some(got),
-                        };
-                        if pooled.is_none() {
-                            uring::poll(ring, libc::POLLIN as u32)
-                                .await
-                                .map_err(ConnOutcome::Local)?;
-                        }
-                    } else if !session.can_splice() && uring::fixed_enabled() {
-                        // A bulk sender's next frame goes into one of the ring's registered
-                        // buffers, when one is free (boxed, as the other bulk paths).
-                        pooled = Box::pin(uring::recv_fixed(ring, limit))
-                            .await
-                            .map_err(ConnOutcome::Local)?
-                            .map(|b| match b.is_empty() {
-                                true => uring::Pooled::Eof,
-                                false => uring::Pooled::Data(b),
-                            });
+                let limit = if splice { SMALL_READ } else { max };
+                // Between messages, wait holding no buffer: in a receive whose buffer the
+                // backend picks when bytes arrive, or until the socket is readable.
+                let mut got = None;
+                if !bulk {
+                    got = sock.recv_pooled(limit).await.map_err(ConnOutcome::Local)?;
+                    if got.is_none() {
+                        sock.readable().await.map_err(ConnOutcome::Local)?;
                     }
-                } else if bulk {
-                    // (poll functions, not tokio's `readable()`/`peek()` futures: those are
-                    // 150-230 bytes that every idle connection would carry.)
-                    std::future::poll_fn(|cx| rd.as_ref().poll_read_ready(cx))
-                        .await
-                        .map_err(ConnOutcome::Local)?;
-                } else {
-                    // Wait for bytes (or the end) to be there before a buffer is: readiness
-                    // alone can be spurious (tokio reports a new socket ready at first), and
-                    // a read that then finds nothing would wait holding 64 KiB. Seen as
-                    // 2,863 of 3,000 idle connections holding one.
-                    let mut one = [0u8; 1];
-                    std::future::poll_fn(|cx| {
-                        rd.as_ref()
-                            .poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut one))
-                    })
-                    .await
-                    .map_err(ConnOutcome::Local)?;
                 }
-                let n = if bulk && session.can_splice() {
+                let n = if let Some(got) = got {
+                    match got {
+                        Received::Eof => 0,
+                        Received::Data(b) => {
+                            let n = b.len();
+                            bulk = n == limit.min(b.capacity());
+                            stats.add_up(n);
+                            up_pending.store(true, Relaxed);
+                            // Boxed: the buffer would otherwise take room in every idle
+                            // connection's future twice over.
+                            Box::pin(session.send_pooled(conn, b))
+                                .await
+                                .map_err(ConnOutcome::Upstream)?;
+                            up_pending.store(false, Relaxed);
+                            n
+                        }
+                    }
+                } else if bulk && splice {
                     let p = match &pipe {
                         Some(p) => p.clone(),
                         None => pipe
                             .insert(Arc::new(Pipe::new().map_err(ConnOutcome::Local)?))
                             .clone(),
                     };
-                    let n = match Box::pin(pipe::splice_from(rd.as_ref(), ring, &p, max))
+                    let n = match Box::pin(sock.splice_in(&p, max))
                         .await
                         .map_err(ConnOutcome::Local)?
                     {
@@ -287,33 +278,14 @@ async fn relay<B: Send>(
                         up_pending.store(false, Relaxed);
                     }
                     n
-                } else if let Some(got) = pooled {
-                    let b = match got {
-                        uring::Pooled::Data(b) => Some(b),
-                        _ => None,
-                    };
-                    let n = b.as_ref().map_or(0, |b| b.len());
-                    bulk = b.as_ref().is_some_and(|b| n == limit.min(b.capacity()));
-                    if let Some(b) = b {
-                        stats.add_up(n);
-                        up_pending.store(true, Relaxed);
-                        // Boxed: the buffer would otherwise take room in every idle
-                        // connection's future twice over.
-                        Box::pin(session.send_pooled(conn, b))
-                            .await
-                            .map_err(ConnOutcome::Upstream)?;
-                        up_pending.store(false, Relaxed);
-                    }
-                    n
                 } else {
                     buf.clear();
                     buf.reserve(HEADROOM + limit);
                     buf.put_bytes(0, HEADROOM);
-                    let n = match ring {
-                        Some(ring) => uring::recv(ring, &mut buf, limit).await,
-                        None => rd.read_buf(&mut (&mut buf).limit(limit)).await,
-                    }
-                    .map_err(ConnOutcome::Local)?;
+                    let n = sock
+                        .recv(&mut buf, limit)
+                        .await
+                        .map_err(ConnOutcome::Local)?;
                     bulk = n == limit;
                     if n > 0 {
                         stats.add_up(n);
@@ -331,7 +303,7 @@ async fn relay<B: Send>(
                     n
                 };
                 if n == 0 {
-                    if !eof_seen.load(Relaxed) && reset_by_peer(rd.as_ref()) {
+                    if !eof_seen.load(Relaxed) && backend::reset_by_peer(sock) {
                         return Err(ConnOutcome::Local(io::ErrorKind::ConnectionReset.into()));
                     }
                     drop(busy.take());
@@ -353,36 +325,22 @@ async fn relay<B: Send>(
                 match msg {
                     Inbound::Data(b) => {
                         last_down.store(micros_since(base), Relaxed);
-                        // Frames that queued up behind this one leave in the same write (a
+                        // Frames that queued up behind this one leave in the same send (a
                         // stream server's frames are small: 32 KiB from containerd).
                         let next = |m: &Inbound| matches!(m, Inbound::Data(_));
-                        let n = match inbound.try_recv_if(next) {
-                            None => {
-                                let n = b.len();
-                                match ring {
-                                    Some(ring) => Box::pin(send_all(ring, b)).await,
-                                    None => wr.write_all(&b).await,
-                                }
-                                .map_err(ConnOutcome::Local)?;
-                                n
-                            }
-                            Some(second) => {
-                                let mut batch = vec![b, data(second)];
-                                let mut n: usize = batch.iter().map(|b| b.len()).sum();
-                                while batch.len() < WRITE_BATCH && n < READ_BUF {
-                                    let Some(m) = inbound.try_recv_if(next) else {
-                                        break;
-                                    };
-                                    let b = data(m);
-                                    n += b.len();
-                                    batch.push(b);
-                                }
-                                Box::pin(write_batch(&mut wr, ring, batch))
-                                    .await
-                                    .map_err(ConnOutcome::Local)?;
-                                n
-                            }
-                        };
+                        let mut n = b.len();
+                        let mut batch = vec![b];
+                        while batch.len() < WRITE_BATCH && n < READ_BUF {
+                            let Some(m) = inbound.try_recv_if(next) else {
+                                break;
+                            };
+                            let b = data(m);
+                            n += b.len();
+                            batch.push(b);
+                        }
+                        Box::pin(backend::send_all(sock, batch, false))
+                            .await
+                            .map_err(ConnOutcome::Local)?;
                         stats.add_down(n);
                     }
                     Inbound::Piped { pipe, mut len } => {
@@ -396,7 +354,7 @@ async fn relay<B: Send>(
                             }
                         }
                         let more = !inbound.is_empty();
-                        Box::pin(pipe::splice_to(wr.as_ref(), ring, &pipe, len, more))
+                        Box::pin(sock.splice_out(&pipe, len, more))
                             .await
                             .map_err(ConnOutcome::Local)?;
                         stats.add_down(len);
@@ -409,7 +367,7 @@ async fn relay<B: Send>(
                         eof_notify.notify_one();
                         // The peer may already have gone entirely; a failed shutdown changes
                         // nothing about what was delivered.
-                        let _ = wr.shutdown().await;
+                        let _ = backend::shutdown_write(sock);
                         if up_done.load(Relaxed) {
                             return Ok(());
                         }
@@ -497,38 +455,14 @@ async fn relay<B: Send>(
                 }
                 _ => session.reset(conn),
             }
-            // Never a clean FIN for a broken transfer: SO_LINGER 0 makes close send RST.
-            let _ = tcp.set_zero_linger();
+            // Never a clean FIN for a broken transfer.
+            backend::reset_on_close(sock);
             e
         }
     }
 }
 
-/// Whether a socket that just read end of file was reset rather than closed. Linux reports a
-/// received reset once, to whichever read or write asks first; a read after that sees end of
-/// file. With our side still open, a peer's clean close leaves the socket in CLOSE_WAIT; a
-/// reset leaves it CLOSED (seen on the io_uring plane: the blocked send to an aborting target
-/// took the error and the read that followed found 0, which would have passed the abort on as
-/// a clean end).
-fn reset_by_peer(tcp: &TcpStream) -> bool {
-    const TCP_CLOSE: u8 = 7;
-    // Safety: a zeroed tcp_info is valid; getsockopt writes at most `len` bytes into it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // Safety: a valid socket, and `info`/`len` as above.
-    let r = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(tcp),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    r == 0 && info.tcpi_state == TCP_CLOSE
-}
-
-/// Most queued frames one write takes at once.
+/// Most queued frames one send takes at once.
 const WRITE_BATCH: usize = 64;
 
 fn data(m: Inbound) -> bytes::Bytes {
@@ -536,52 +470,6 @@ fn data(m: Inbound) -> bytes::Bytes {
         Inbound::Data(b) => b,
         _ => unreachable!("only data is batched"),
     }
-}
-
-/// Write every buffer of `batch` in order: one `sendmsg` (or `writev`) for as many as the
-/// socket takes.
-async fn write_batch(
-    wr: &mut tokio::net::tcp::WriteHalf<'_>,
-    ring: Option<&SockFd>,
-    mut batch: Vec<bytes::Bytes>,
-) -> io::Result<()> {
-    let mut first = 0;
-    while first < batch.len() {
-        let n = match ring {
-            Some(ring) => uring::sendmsg(ring, batch[first..].to_vec(), 0).await?,
-            None => {
-                let slices: Vec<io::IoSlice<'_>> =
-                    batch[first..].iter().map(|b| io::IoSlice::new(b)).collect();
-                wr.write_vectored(&slices).await?
-            }
-        };
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let mut left = n;
-        while left > 0 {
-            let b = &mut batch[first];
-            if left >= b.len() {
-                left -= b.len();
-                first += 1;
-            } else {
-                bytes::Buf::advance(b, left);
-                left = 0;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Send all of `b` through the ring.
-async fn send_all(ring: &SockFd, mut b: bytes::Bytes) -> io::Result<()> {
-    while !b.is_empty() {
-        match uring::send(ring, b.clone(), 0).await? {
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            n => bytes::Buf::advance(&mut b, n),
-        }
-    }
-    Ok(())
 }
 
 /// A local client has half-closed: wait until the server's direction has been quiet for
@@ -600,7 +488,7 @@ async fn hold_while_sending(session: &Session, base: Instant, last_down: &Atomic
         }
         tokio::select! {
             _ = eof.notified() => return,
-            _ = tokio::time::sleep_until(until.into()) => {}
+            _ = super::uring::worker::sleep_until(until) => {}
         }
     }
 }

@@ -14,6 +14,7 @@
 //!
 //! [`PortForwardProtocol`]: crate::proto::PortForwardProtocol
 
+pub mod backend;
 pub mod conn;
 pub mod drain;
 pub mod pipe;
@@ -138,18 +139,6 @@ impl From<Box<dyn UpstreamIo>> for UpstreamConn {
     fn from(io: Box<dyn UpstreamIo>) -> Self {
         UpstreamConn::Stream(io)
     }
-}
-
-/// Whether the io_uring backend splices payload to and from plain TCP upstreams: only with
-/// `RINGFWD_URING_SPLICE=1`. The ring runs every splice in a kernel worker thread (io_uring
-/// forces splice async), a thread hop per frame that costs more than the copy it saves, so by
-/// default the ring receives and sends payload through user memory (measured in
-/// perf/2026-12-02-uring.md).
-pub fn uring_splices() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("RINGFWD_URING_SPLICE").is_ok_and(|v| v == "1") && splice_available()
-    })
 }
 
 /// Whether splice(2) works here (checked once; a seccomp profile may forbid it).
@@ -284,16 +273,64 @@ impl AcceptErrors {
     }
 }
 
-/// Takes a listener's connections: on the io_uring plane through one multishot accept armed on
-/// the ring (a completion per connection, no readiness round trip and no `accept4` call each),
-/// elsewhere, or where the kernel refuses multishot accepts (before 5.19), through tokio's.
+/// An accepted local connection: a tokio socket, or (on the io_uring plane) a socket that was
+/// never registered with tokio's reactor, for a worker's ring to take.
+#[derive(Debug)]
+pub enum LocalConn {
+    Tokio(tokio::net::TcpStream),
+    Fd(std::os::fd::OwnedFd),
+}
+
+impl LocalConn {
+    /// As a tokio socket (registered with its reactor).
+    pub fn into_tokio(self) -> std::io::Result<tokio::net::TcpStream> {
+        match self {
+            LocalConn::Tokio(tcp) => Ok(tcp),
+            LocalConn::Fd(fd) => {
+                let std = std::net::TcpStream::from(fd);
+                std.set_nonblocking(true)?;
+                tokio::net::TcpStream::from_std(std)
+            }
+        }
+    }
+
+    /// For an io_uring worker (out of tokio's reactor, if it was in it).
+    pub fn into_ring(self) -> std::io::Result<uring::RingSocket> {
+        match self {
+            LocalConn::Tokio(tcp) => uring::RingSocket::from_tokio(tcp),
+            LocalConn::Fd(fd) => uring::RingSocket::new(fd),
+        }
+    }
+
+    /// Close it with a TCP reset, not a FIN (a connection refused after it was accepted).
+    pub fn reset(self) {
+        backend::reset_on_close(&self);
+    }
+}
+
+impl std::os::fd::AsFd for LocalConn {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            LocalConn::Tokio(tcp) => tcp.as_fd(),
+            LocalConn::Fd(fd) => fd.as_fd(),
+        }
+    }
+}
+
+impl From<tokio::net::TcpStream> for LocalConn {
+    fn from(tcp: tokio::net::TcpStream) -> Self {
+        LocalConn::Tokio(tcp)
+    }
+}
+
+/// Takes a listener's connections: on the io_uring plane through one multishot accept armed
+/// on a worker's ring (a completion per connection, no readiness round trip and no `accept4`
+/// call each; the sockets never enter tokio's reactor), elsewhere, or where the kernel refuses
+/// multishot accepts (before 5.19), through tokio's.
 pub struct Accepter<'a> {
     listener: &'a tokio::net::TcpListener,
-    ring: Option<uring::Accepts>,
+    ring: Option<uring::RingAccepts>,
     use_ring: bool,
-    /// A multishot accept has delivered a connection here (so an EINVAL later is not the
-    /// kernel refusing multishot).
-    took_one: bool,
 }
 
 impl<'a> Accepter<'a> {
@@ -302,19 +339,18 @@ impl<'a> Accepter<'a> {
             listener,
             ring: None,
             use_ring: data_plane() == DataPlane::Uring,
-            took_one: false,
         }
     }
 
     /// The next connection and its peer (unspecified if it has already gone: its relay then
     /// finds the reset).
-    pub async fn accept(
-        &mut self,
-    ) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    pub async fn accept(&mut self) -> std::io::Result<(LocalConn, std::net::SocketAddr)> {
         while self.use_ring {
             let accepts = match &mut self.ring {
                 Some(a) => a,
-                None => match uring::accept_multi(self.listener) {
+                None => match uring::worker::pick()
+                    .and_then(|w| uring::RingAccepts::start(w, self.listener))
+                {
                     Ok(a) => self.ring.insert(a),
                     Err(e) => {
                         self.ring_refused(&e);
@@ -323,29 +359,25 @@ impl<'a> Accepter<'a> {
                 },
             };
             match accepts.next().await {
-                Some(Ok(fd)) => {
-                    self.took_one = true;
-                    let tcp = tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd))?;
-                    let peer = tcp
+                uring::Accepted::Conn(fd) => {
+                    let peer = socket2::SockRef::from(&fd)
                         .peer_addr()
-                        .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-                    return Ok((tcp, peer));
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                    return Ok((LocalConn::Fd(fd), peer));
                 }
-                Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) && !self.took_one => {
+                uring::Accepted::Unsupported(e) => {
                     self.ring = None;
                     self.ring_refused(&e);
                 }
                 // It ended with this error (out of descriptors, say): the next call arms
                 // another.
-                Some(Err(e)) => {
-                    self.ring = None;
-                    return Err(e);
-                }
-                // Ended without one (a full completion queue): arm another.
-                None => self.ring = None,
+                uring::Accepted::Failed(e) => return Err(e),
             }
         }
-        self.listener.accept().await
+        let (tcp, peer) = self.listener.accept().await?;
+        Ok((LocalConn::Tokio(tcp), peer))
     }
 
     fn ring_refused(&mut self, e: &std::io::Error) {
@@ -359,13 +391,14 @@ impl<'a> Accepter<'a> {
 
 /// Disable Nagle and switch TCP keepalive on (see [`KEEPALIVE_IDLE`]). Best effort: a socket
 /// that refuses either still works.
-pub fn tune_socket(tcp: &tokio::net::TcpStream) {
-    let _ = tcp.set_nodelay(true);
+pub fn tune_socket(sock: impl std::os::fd::AsFd) {
+    let s = socket2::SockRef::from(&sock);
+    let _ = s.set_tcp_nodelay(true);
     let ka = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+    let _ = s.set_tcp_keepalive(&ka);
 }
 
 /// Errors of the data plane.

@@ -6,24 +6,18 @@
 //! splices in, the other splices the same bytes out, in order. Both sides know how much is in
 //! it ([`Pipe::fill`]), so neither ever waits on the pipe itself: the producer waits for
 //! [`Pipe::drained`] when it is full, the consumer only splices bytes it was told are there.
-//! Only socket readiness goes through tokio (the epoll reactor).
+//! Waiting for the sockets is the epoll backend's ([`super::backend::epoll`]).
 //!
 //! A pipe holds a bounded number of page references (16 slots by default), not bytes: payload
 //! spliced from a TCP socket takes a slot per socket buffer fragment, so a pipe can be "full"
-//! with fewer bytes in it than its size. That is why [`splice_from`] treats "would block" with
-//! bytes in the pipe as "wait for the consumer", never as "the socket is empty" (which would
-//! clear the socket's readiness and could wait forever for data that is already there).
+//! with fewer bytes in it than its size.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
-
-use super::uring::{self, Dir, SockFd};
 
 /// Size asked for each pipe (the default is 64 KiB). More room means fewer wake-ups per GB;
 /// the pages are only taken while payload is in flight. A refusal (over the per-user pipe
@@ -82,36 +76,26 @@ impl Pipe {
 
     /// One non-blocking splice of up to `len` bytes from `fd` into the pipe; `Ok(0)` is the
     /// socket's end of file.
-    fn splice_in(&self, fd: RawFd, len: usize) -> io::Result<usize> {
+    pub(super) fn splice_in(&self, fd: RawFd, len: usize) -> io::Result<usize> {
         let n = splice(fd, self.wr.as_raw_fd(), len, 0)?;
         self.filled(n);
         Ok(n)
     }
 
-    /// `n` bytes were spliced in (by whichever backend).
+    /// `n` bytes were spliced in.
     fn filled(&self, n: usize) {
         self.fill.fetch_add(n, Ordering::AcqRel);
     }
 
-    /// `n` bytes were spliced out (by whichever backend): wake a producer waiting for room.
+    /// `n` bytes were spliced out: wake a producer waiting for room.
     fn emptied(&self, n: usize) {
         self.fill.fetch_sub(n, Ordering::AcqRel);
         self.drained.notify_one();
     }
 
-    /// The read end (for an io_uring splice; the pipe keeps ownership).
-    pub(super) fn read_fd(&self) -> RawFd {
-        self.rd.as_raw_fd()
-    }
-
-    /// The write end (for an io_uring splice; the pipe keeps ownership).
-    pub(super) fn write_fd(&self) -> RawFd {
-        self.wr.as_raw_fd()
-    }
-
     /// One non-blocking splice of up to `len` bytes (which must be in the pipe) out to `fd`.
     /// `more`: further payload follows at once (the kernel may hold a partial segment).
-    fn splice_out(&self, fd: RawFd, len: usize, more: bool) -> io::Result<usize> {
+    pub(super) fn splice_out(&self, fd: RawFd, len: usize, more: bool) -> io::Result<usize> {
         debug_assert!(len <= self.fill());
         let flags = if more { libc::SPLICE_F_MORE } else { 0 };
         let n = splice(self.rd.as_raw_fd(), fd, len, flags)?;
@@ -140,7 +124,7 @@ fn splice(from: RawFd, to: RawFd, len: usize, flags: libc::c_uint) -> io::Result
     }
 }
 
-/// What [`splice_from`] did.
+/// What a splice into a pipe did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SpliceIn {
     /// Moved this many bytes (at least one).
@@ -149,99 +133,6 @@ pub enum SpliceIn {
     Eof,
     /// The pipe has no room: wait for [`Pipe::drained`], then try again.
     Full,
-}
-
-/// Move up to `len` bytes the socket has (at least one, waiting for them) into `pipe`.
-/// `ring`: the socket's descriptor for the io_uring backend, which then does the moving.
-pub async fn splice_from(
-    tcp: &TcpStream,
-    ring: Option<&SockFd>,
-    pipe: &Arc<Pipe>,
-    len: usize,
-) -> io::Result<SpliceIn> {
-    let fd = tcp.as_raw_fd();
-    let done = |n| {
-        if n == 0 {
-            SpliceIn::Eof
-        } else {
-            SpliceIn::Moved(n)
-        }
-    };
-    loop {
-        let room = pipe.room();
-        if room == 0 {
-            return Ok(SpliceIn::Full);
-        }
-        let want = len.min(room);
-        if let Some(ring) = ring {
-            match uring::splice(ring, pipe, Dir::In, want, false).await {
-                Ok(n) => {
-                    pipe.filled(n);
-                    return Ok(done(n));
-                }
-                // With bytes in the pipe, out of slots; else a spurious wake-up.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if pipe.fill() > 0 {
-                        return Ok(SpliceIn::Full);
-                    }
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        tcp.readable().await?;
-        if pipe.fill() > 0 {
-            // "Would block" is ambiguous here (empty socket or pipe out of slots): keep the
-            // socket's readiness and let the consumer make room.
-            match pipe.splice_in(fd, want) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(SpliceIn::Full),
-                r => return r.map(done),
-            }
-        }
-        // An empty pipe has every slot free: "would block" means the socket is empty.
-        match tcp.try_io(Interest::READABLE, || pipe.splice_in(fd, want)) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            r => return r.map(done),
-        }
-    }
-}
-
-/// Move exactly `len` bytes, which are in `pipe`, to the socket, waiting for it to take them.
-/// `more`: the caller has further payload ready right after these bytes. `ring`: as for
-/// [`splice_from`].
-pub async fn splice_to(
-    tcp: &TcpStream,
-    ring: Option<&SockFd>,
-    pipe: &Arc<Pipe>,
-    mut len: usize,
-    more: bool,
-) -> io::Result<()> {
-    let fd = tcp.as_raw_fd();
-    if let Some(ring) = ring {
-        while len > 0 {
-            debug_assert!(len <= pipe.fill());
-            match uring::splice(ring, pipe, Dir::Out, len, more).await {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    pipe.emptied(n);
-                    len -= n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        return Ok(());
-    }
-    while len > 0 {
-        tcp.writable().await?;
-        match tcp.try_io(Interest::WRITABLE, || pipe.splice_out(fd, len, more)) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => len -= n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Whether this kernel splices between TCP sockets and pipes (it has since 2.6.25; a seccomp
@@ -278,14 +169,19 @@ mod tests {
             let pipe = pipe.clone();
             async move {
                 while let Some(n) = rx.recv().await {
-                    splice_to(&a_out, None, &pipe, n, false).await.unwrap();
+                    crate::relay::backend::epoll::splice_out(&a_out, &pipe, n, false)
+                        .await
+                        .unwrap();
                 }
                 drop(a_out);
             }
         });
         let (mut moved, mut full) = (0, 0);
         loop {
-            let n = match splice_from(&b_in, None, &pipe, 1 << 20).await.unwrap() {
+            let n = match crate::relay::backend::epoll::splice_in(&b_in, &pipe, 1 << 20)
+                .await
+                .unwrap()
+            {
                 SpliceIn::Moved(n) => n,
                 SpliceIn::Eof => break,
                 SpliceIn::Full => {

@@ -14,22 +14,25 @@
 
 use std::collections::HashMap;
 use std::io::IoSlice;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
+use super::backend::{Socket, send_all};
 use super::drain::{Drain, Open};
-use super::pipe::{self, Pipe, SpliceIn};
+use super::pipe::{Pipe, SpliceIn};
 use super::queue;
-use super::uring::SockFd;
+use super::uring::{RingSocket, Worker};
 use super::{CONN_QUEUE_FRAMES, READ_BUF, RelayError, SESSION_WRITE_BUDGET, UpstreamConn};
 use crate::metrics::SessionMetrics;
 use crate::proto::{ConnId, Event, HEADROOM, PortForwardProtocol, ProtoError};
+
+type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
 
 /// How a session behaves; the defaults suit a forward to a cluster.
 #[derive(Debug, Clone)]
@@ -58,10 +61,10 @@ pub struct SessionOptions {
     /// (SPDY to a stream server); otherwise, or when off, payload is copied through user
     /// memory. Defaults to whether this kernel (and seccomp profile) allows splice.
     pub splice: bool,
-    /// Move the bytes of the upstream socket and of every local socket relayed on this session
-    /// through this thread's io_uring ring (the `uring` data plane) instead of tokio's epoll
-    /// reactor. Only plain TCP upstreams go through the ring; payload is then spliced only if
-    /// [`super::uring_splices`]. Defaults to whether the process runs the `uring` data plane.
+    /// Hand a plain TCP upstream to an io_uring worker (the `uring` data plane), which then
+    /// runs the session's reader and writer and the relay of every connection on it, instead
+    /// of tokio's epoll reactor. Payload is not spliced there. Defaults to whether the process
+    /// runs the `uring` data plane.
     pub ring: bool,
     /// The process's graceful shutdown: the session's connections are counted in it and
     /// reset when it cuts them, and the session is closed with a GOAWAY at its end.
@@ -78,10 +81,7 @@ impl Default for SessionOptions {
             half_close_quiet: super::DEFAULT_HALF_CLOSE_QUIET,
             stalls: None,
             metrics: SessionMetrics::default(),
-            splice: matches!(
-                super::data_plane(),
-                super::DataPlane::Epoll | super::DataPlane::Uring
-            ),
+            splice: super::data_plane() == super::DataPlane::Epoll,
             ring: super::data_plane() == super::DataPlane::Uring,
             drain: None,
         }
@@ -154,7 +154,9 @@ struct Shared {
     retiring: AtomicBool,
     /// A plain TCP upstream's socket (owned by the reader and writer tasks), to see a peer
     /// that hung up before the reader has noticed.
-    upstream: std::sync::OnceLock<std::sync::Weak<TcpStream>>,
+    upstream: std::sync::OnceLock<std::sync::Weak<dyn AsFd + Send + Sync>>,
+    /// The io_uring worker that runs this session's tasks (the uring plane, plain TCP).
+    worker: std::sync::OnceLock<Worker>,
     /// We ended the session ourselves (GOAWAY / close frame sent): the reader drains what the
     /// peer still sends instead of closing under it, so our last frames are not lost to a TCP
     /// reset (closing a socket with unread input resets it and discards unsent output).
@@ -256,6 +258,7 @@ impl Session {
             max_payload,
             splice: AtomicBool::new(false),
             upstream: std::sync::OnceLock::new(),
+            worker: std::sync::OnceLock::new(),
             written_out: watch::channel(false).0,
             opts,
         });
@@ -276,58 +279,80 @@ impl Session {
             out_rx,
             incoming_tx,
         } = ends;
-        let io = match io {
-            // Splice needs the raw socket, and a protocol whose payload it may move.
-            UpstreamConn::Tcp(tcp)
-                if self.shared.opts.splice && self.proto().read_hint(&[]).is_some() =>
-            {
-                self.shared.splice.store(true, Ordering::Release);
-                // The io_uring backend moves this socket's bytes through the ring (both
-                // loops start operations only while they hold `tcp`).
-                let ring = match self.shared.opts.ring {
-                    true => Some(SockFd::new(&tcp)),
-                    false => None,
-                };
-                let tcp = Arc::new(tcp);
-                let _ = self.shared.upstream.set(Arc::downgrade(&tcp));
+        match io {
+            // On the io_uring plane a plain TCP upstream leaves tokio's reactor for a worker,
+            // which then runs the reader, the writer and every connection's relay.
+            UpstreamConn::Tcp(tcp) if self.shared.opts.ring => {
+                let ring = super::uring::worker::pick()
+                    .and_then(|w| Ok((w, RingSocket::from_tokio(tcp)?)));
+                match ring {
+                    Ok((worker, sock)) => {
+                        let _ = self.shared.worker.set(worker);
+                        self.spawn_tcp(sock, prefix, out_rx, incoming_tx, |f| {
+                            worker.spawn_detached(f)
+                        });
+                    }
+                    Err(e) => self.die(RelayError::Io(e)),
+                }
+            }
+            UpstreamConn::Tcp(tcp) => {
+                // Splice needs a protocol whose payload it may move.
+                let splice = self.shared.opts.splice && self.proto().read_hint(&[]).is_some();
+                self.shared.splice.store(splice, Ordering::Release);
+                self.spawn_tcp(tcp, prefix, out_rx, incoming_tx, |f| {
+                    tokio::spawn(f);
+                });
+            }
+            UpstreamConn::Stream(io) => {
+                let (rd, wr) = tokio::io::split(io);
                 let s = self.clone();
-                let rd = tcp.clone();
-                let rd_ring = ring.clone();
                 tokio::spawn(async move {
-                    let res = s
-                        .read_loop_spliced(&rd, rd_ring.as_ref(), prefix, incoming_tx)
-                        .await;
+                    let res = s.read_loop(rd, prefix, incoming_tx).await;
                     s.die(res.err().unwrap_or(RelayError::UpstreamClosed));
                 });
                 let s = self.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = s.write_loop(TcpWriter(tcp, ring), out_rx).await {
+                    if let Err(e) = s.write_loop(StreamWriter(wr), out_rx).await {
                         s.die(e);
                     }
                     s.shared.written_out.send_replace(true);
                 });
-                let s = self.clone();
-                tokio::spawn(async move { s.keepalive().await });
-                return;
             }
-            UpstreamConn::Tcp(tcp) => Box::new(tcp),
-            UpstreamConn::Stream(io) => io,
-        };
-        let (rd, wr) = tokio::io::split(io);
+        }
         let s = self.clone();
-        tokio::spawn(async move {
-            let res = s.read_loop(rd, prefix, incoming_tx).await;
+        tokio::spawn(async move { s.keepalive().await });
+    }
+
+    /// The reader and the writer of a plain TCP upstream, started with `spawn`.
+    fn spawn_tcp<S: Socket>(
+        &self,
+        sock: S,
+        prefix: Bytes,
+        out_rx: mpsc::UnboundedReceiver<Frame>,
+        incoming_tx: mpsc::Sender<Incoming>,
+        spawn: impl Fn(BoxFuture),
+    ) {
+        let sock = Arc::new(sock);
+        let weak: std::sync::Weak<dyn AsFd + Send + Sync> = Arc::downgrade(&sock) as _;
+        let _ = self.shared.upstream.set(weak);
+        let s = self.clone();
+        let rd = sock.clone();
+        spawn(Box::pin(async move {
+            let res = s.read_loop_tcp(&*rd, prefix, incoming_tx).await;
             s.die(res.err().unwrap_or(RelayError::UpstreamClosed));
-        });
+        }));
         let s = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = s.write_loop(StreamWriter(wr), out_rx).await {
+        spawn(Box::pin(async move {
+            if let Err(e) = s.write_loop(TcpWriter(sock), out_rx).await {
                 s.die(e);
             }
             s.shared.written_out.send_replace(true);
-        });
-        let s = self.clone();
-        tokio::spawn(async move { s.keepalive().await });
+        }));
+    }
+
+    /// The io_uring worker this session's tasks and connections run on, if it has one.
+    pub fn worker(&self) -> Option<Worker> {
+        self.shared.worker.get().copied()
     }
 
     fn proto(&self) -> MutexGuard<'_, Box<dyn PortForwardProtocol>> {
@@ -424,27 +449,15 @@ impl Session {
     }
 
     /// The upstream socket has seen the peer's end of file or a reset that the reader has not
-    /// acted on yet (it runs as a task; on the io_uring plane its receive completes through
-    /// the ring's reaper). A connection handed to such a session would be lost with it, so a
+    /// acted on yet (it runs as a task, maybe on another thread). A connection handed to such a session would be lost with it, so a
     /// pool must not pick it (seen: a network cut ended two pooled sessions, and the next
     /// connection was put on the one whose reader had not run yet).
     fn upstream_hung_up(&self) -> bool {
-        let Some(tcp) = self
-            .shared
+        self.shared
             .upstream
             .get()
             .and_then(std::sync::Weak::upgrade)
-        else {
-            return false;
-        };
-        let mut p = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&*tcp),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // Safety: one valid pollfd, and a zero timeout (the call does not wait).
-        let ready = unsafe { libc::poll(&mut p, 1, 0) };
-        ready == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+            .is_some_and(|sock| super::backend::hung_up(&*sock))
     }
 
     /// Take no new connections on this session; it ends when the last one is released.
@@ -577,15 +590,9 @@ impl Session {
         Ok(())
     }
 
-    /// Local sockets relayed on this session move their bytes through the io_uring ring.
-    pub fn uses_ring(&self) -> bool {
-        self.shared.opts.ring
-    }
-
     /// Payload may move with splice on this session (see [`SessionOptions::splice`]).
     pub fn can_splice(&self) -> bool {
         self.shared.splice.load(Ordering::Acquire)
-            && (!self.shared.opts.ring || super::uring_splices())
     }
 
     /// Send the `len` bytes at the front of `pipe` on `conn` (spliced from the local socket).
@@ -774,31 +781,37 @@ impl Session {
         }
     }
 
-    /// The reader for a plain TCP upstream: frame headers and control frames are read into
-    /// `buf` (never further, see [`PortForwardProtocol::read_hint`]); a connection's payload
-    /// is spliced from the socket into its pipe and handed over as [`Inbound::Piped`]. A
-    /// server that sends small frames (under [`super::DOWN_SPLICE_MIN`] left) has them read
-    /// [`SMALL_FRAMES_READ`] at a time and copied instead, until a large one shows up.
-    async fn read_loop_spliced(
+    /// The reader for a plain TCP upstream. Copying (every backend): it reads as much as the
+    /// socket has, up to [`READ_BUF`], into one buffer whose frames' payload goes to the
+    /// connections as slices of it. Splicing (the epoll backend, SPDY): frame headers and
+    /// control frames are read into `buf` (never further, see
+    /// [`PortForwardProtocol::read_hint`]) and a connection's payload is spliced from the
+    /// socket into its pipe and handed over as [`Inbound::Piped`]; a server that sends small
+    /// frames (under [`super::DOWN_SPLICE_MIN`] left) has them read several at a time and
+    /// copied instead, until a large one shows up.
+    ///
+    /// Reads start at [`SMALL_FRAMES_READ`] and double after each one that fills its buffer
+    /// (up to [`READ_BUF`] copying, [`SMALL_FRAMES_BULK_READ`] for small frames), so that an
+    /// idle or interactive session holds little memory and a download still reads in bulk.
+    async fn read_loop_tcp<S: Socket>(
         &self,
-        tcp: &TcpStream,
-        ring: Option<&SockFd>,
+        sock: &S,
         prefix: Bytes,
         incoming: mpsc::Sender<Incoming>,
     ) -> Result<(), RelayError> {
         let mut dead = self.watch_dead();
-        let splice = ring.is_none() || super::uring_splices();
+        let splice = self.can_splice();
         // The server sends small frames (containerd: 32 KiB at most): read them freely and
         // copy, as the copy plane does, instead of a header read and a splice per frame.
         let mut small_frames = false;
         // Part of the frame in progress was spliced (its remainder may be small: keep going).
         let mut frame_spliced = false;
-        let mut small_read = SMALL_FRAMES_READ;
+        let mut read = SMALL_FRAMES_READ;
         let mut buf = BytesMut::with_capacity(4096);
         buf.extend_from_slice(&prefix);
         loop {
             self.handle_buffered(&mut buf, &incoming).await?;
-            let moving = match buf.is_empty() {
+            let moving = match splice && buf.is_empty() {
                 true => self.proto().payload_in_progress(),
                 false => None,
             };
@@ -809,13 +822,12 @@ impl Session {
                 Some(_) => {}
             }
             if let Some((conn, left)) = moving
-                && splice
                 && !small_frames
                 && left >= super::SPLICE_MIN
                 && let Some(pipe) = self.down_pipe(conn)
             {
                 let n = tokio::select! {
-                    n = pipe::splice_from(tcp, ring, &pipe, left) => n?,
+                    n = sock.splice_in(&pipe, left) => n?,
                     _ = dead.changed() => return Ok(()),
                 };
                 let n = match n {
@@ -856,22 +868,23 @@ impl Session {
                     .clamp(1, READ_BUF),
                 // Small frames: several per read, but never so much of a large frame that
                 // what is left of it could not be spliced (this is how a large one is seen).
-                (true, true) => small_read,
-                // Copying: as much as one read gives.
-                (false, _) => READ_BUF,
+                (true, true) => read.min(SMALL_FRAMES_BULK_READ),
+                (false, _) => read,
             };
             buf.reserve(want);
             let n = tokio::select! {
-                n = recv_into(tcp, ring, &mut buf, want) => n?,
+                n = sock.recv(&mut buf, want) => n?,
                 _ = dead.changed() => {
                     if self.shared.closing.load(Ordering::Acquire) {
-                        let _ = tokio::time::timeout(super::LINGER, async {
+                        let _ = super::uring::worker::timeout(super::LINGER, async {
                             let mut sink = BytesMut::with_capacity(16 * 1024);
-                            while let Ok(n) = recv_into(tcp, ring, &mut sink, 16 * 1024).await {
-                                if n == 0 {
-                                    break;
-                                }
+                            loop {
                                 sink.clear();
+                                sink.reserve(16 * 1024);
+                                match sock.recv(&mut sink, 16 * 1024).await {
+                                    Ok(n) if n > 0 => {}
+                                    _ => break,
+                                }
                             }
                         })
                         .await;
@@ -882,8 +895,8 @@ impl Session {
             if n == 0 {
                 return Err(RelayError::UpstreamClosed);
             }
-            small_read = match n == want {
-                true => (small_read * 2).min(SMALL_FRAMES_BULK_READ),
+            read = match n == want {
+                true => (read * 2).min(READ_BUF),
                 false => SMALL_FRAMES_READ,
             };
             self.touch_rx();
@@ -1103,182 +1116,33 @@ impl FrameWriter for StreamWriter {
     }
 }
 
-/// A plain TCP upstream: frames leave with `sendmsg`, a spliced payload right behind its
-/// header (which is sent with `MSG_MORE`, so both leave in the same segments). With the
-/// io_uring backend, through the ring.
-struct TcpWriter(Arc<TcpStream>, Option<SockFd>);
+/// A plain TCP upstream: frames leave with `sendmsg`, many per call, a spliced payload right
+/// behind its header (which is sent with `MSG_MORE`, so both leave in the same segments).
+struct TcpWriter<S>(Arc<S>);
 
-impl FrameWriter for TcpWriter {
+impl<S: Socket> FrameWriter for TcpWriter<S> {
     async fn write_frames(&mut self, batch: &[Frame]) -> std::io::Result<()> {
-        let (tcp, ring) = (&*self.0, self.1.as_ref());
+        let sock = &*self.0;
         let mut start = 0;
         for (i, f) in batch.iter().enumerate() {
             if let Some((pipe, len)) = &f.tail {
-                send_all(tcp, ring, &batch[start..=i], true).await?;
+                send_all(sock, bytes_of(&batch[start..=i]), true).await?;
                 let more = i + 1 < batch.len();
-                pipe::splice_to(tcp, ring, pipe, *len, more).await?;
+                sock.splice_out(pipe, *len, more).await?;
                 start = i + 1;
             }
         }
-        send_all(tcp, ring, &batch[start..], false).await
+        send_all(sock, bytes_of(&batch[start..]), false).await
     }
 
     async fn shutdown(&mut self) {
-        let _ = socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write);
+        let _ = super::backend::shutdown_write(&*self.0);
     }
 }
 
-/// `sendmsg` every frame's bytes (not their tails), up to 64 per call.
-async fn send_all(
-    tcp: &TcpStream,
-    ring: Option<&SockFd>,
-    frames: &[Frame],
-    more: bool,
-) -> std::io::Result<()> {
-    let (mut i, mut off) = (0, 0);
-    loop {
-        while i < frames.len() && frames[i].bytes.len() == off {
-            i += 1;
-            off = 0;
-        }
-        if i == frames.len() {
-            return Ok(());
-        }
-        let k = (frames.len() - i).min(64);
-        let last = i + k == frames.len();
-        let flags = libc::MSG_NOSIGNAL | if more || !last { libc::MSG_MORE } else { 0 };
-        let sent = match ring {
-            // The ring's sendmsg owns its buffers (cheap clones of the frames).
-            Some(ring) => {
-                let bufs = frames[i..i + k]
-                    .iter()
-                    .enumerate()
-                    .map(|(j, f)| {
-                        if j == 0 {
-                            f.bytes.slice(off..)
-                        } else {
-                            f.bytes.clone()
-                        }
-                    })
-                    .collect();
-                super::uring::sendmsg(ring, bufs, flags).await
-            }
-            None => {
-                tcp.writable().await?;
-                tcp.try_io(Interest::WRITABLE, || {
-                    sendmsg(tcp, &frames[i..i + k], off, flags)
-                })
-            }
-        };
-        let mut n = match sent {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        while n > 0 {
-            let left = frames[i].bytes.len() - off;
-            if n >= left {
-                n -= left;
-                i += 1;
-                off = 0;
-            } else {
-                off += n;
-                n = 0;
-            }
-        }
-    }
-}
-
-/// Whether the socket has something to read (or an end, or an error) right now.
-fn readable_now(tcp: &TcpStream) -> bool {
-    let mut p = libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(tcp),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // Safety: one valid pollfd, and a zero timeout (the call does not wait).
-    unsafe { libc::poll(&mut p, 1, 0) == 1 }
-}
-
-/// One non-blocking `sendmsg` of `frames` (the first from `off`).
-fn sendmsg(tcp: &TcpStream, frames: &[Frame], off: usize, flags: i32) -> std::io::Result<usize> {
-    let mut iov = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; 64];
-    for (j, f) in frames.iter().take(64).enumerate() {
-        let b = if j == 0 {
-            &f.bytes[off..]
-        } else {
-            &f.bytes[..]
-        };
-        iov[j] = libc::iovec {
-            iov_base: b.as_ptr() as *mut libc::c_void,
-            iov_len: b.len(),
-        };
-    }
-    // Safety: a zeroed msghdr is valid (no name, no control data); `iov` points at live
-    // slices of `frames`, which outlive this call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = frames.len().min(64);
-    // Safety: a valid socket and the msghdr above; the kernel only reads the buffers.
-    let n = unsafe { libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(tcp), &msg, flags) };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-/// Receive up to `max` bytes into the spare capacity of `buf` (through the ring, if given).
-async fn recv_into(
-    tcp: &TcpStream,
-    ring: Option<&SockFd>,
-    buf: &mut BytesMut,
-    max: usize,
-) -> std::io::Result<usize> {
-    if let Some(ring) = ring {
-        if buf.is_empty() && !readable_now(tcp) {
-            // An idle session waits holding no buffer (the ring's receive would hold
-            // `max` bytes of it for as long as the peer is quiet).
-            *buf = BytesMut::new();
-            super::uring::poll(ring, libc::POLLIN as u32).await?;
-        }
-        return super::uring::recv(ring, buf, max).await;
-    }
-    buf.reserve(max);
-    loop {
-        tcp.readable().await?;
-        let spare = &mut buf.spare_capacity_mut()[..max];
-        let r = tcp.try_io(Interest::READABLE, || {
-            // Safety: `recv` writes at most `spare.len()` bytes into memory we own and do not
-            // read until it says how many it wrote.
-            let n = unsafe {
-                libc::recv(
-                    std::os::fd::AsRawFd::as_raw_fd(tcp),
-                    spare.as_mut_ptr() as *mut libc::c_void,
-                    spare.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
-        match r {
-            Ok(n) => {
-                // Safety: the kernel initialised the first `n` bytes of the spare capacity.
-                unsafe { buf.set_len(buf.len() + n) };
-                return Ok(n);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
+/// The bytes of `frames` (not their spliced tails), to send.
+fn bytes_of(frames: &[Frame]) -> Vec<Bytes> {
+    frames.iter().map(|f| f.bytes.clone()).collect()
 }
 
 /// Write every frame of `batch`, several per syscall.
@@ -1327,6 +1191,7 @@ mod tests {
     use super::*;
     use crate::proto::portforward::SpdyPortForward;
     use tokio::io::{BufWriter, duplex};
+    use tokio::net::TcpStream;
 
     fn stream(io: impl super::super::UpstreamIo) -> UpstreamConn {
         UpstreamConn::Stream(Box::new(io))
@@ -1443,7 +1308,7 @@ mod tests {
             match got.inbound.recv().await.unwrap() {
                 Inbound::Data(b) => seen += b.len(),
                 Inbound::Piped { pipe, len } => {
-                    super::super::pipe::splice_to(&sink, None, &pipe, len, false)
+                    crate::relay::backend::epoll::splice_out(&sink, &pipe, len, false)
                         .await
                         .unwrap();
                     seen += len;
