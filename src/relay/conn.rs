@@ -144,8 +144,20 @@ async fn relay_on_worker<B: Send + 'static>(
     stream: Stream,
 ) -> ConnOutcome {
     let Some(worker) = session.worker() else {
+        // Boxed, so that the connection's task on the other path does not carry it.
         let outcome = match local.into_tokio() {
-            Ok(tcp) => relay(session, tcp, conn, inbound, side, busy, stream.stats()).await,
+            Ok(tcp) => {
+                Box::pin(relay(
+                    session,
+                    tcp,
+                    conn,
+                    inbound,
+                    side,
+                    busy,
+                    stream.stats(),
+                ))
+                .await
+            }
             Err(e) => ConnOutcome::Local(e),
         };
         return finish(stream, outcome);

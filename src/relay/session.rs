@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
-use super::backend::{Socket, send_all};
+use super::backend::{Received, Socket, send_all};
 use super::drain::{Drain, Open};
 use super::pipe::{Pipe, SpliceIn};
 use super::queue;
@@ -871,9 +871,8 @@ impl Session {
                 (true, true) => read.min(SMALL_FRAMES_BULK_READ),
                 (false, _) => read,
             };
-            buf.reserve(want);
             let n = tokio::select! {
-                n = sock.recv(&mut buf, want) => n?,
+                n = receive(sock, &mut buf, want) => n?,
                 _ = dead.changed() => {
                     if self.shared.closing.load(Ordering::Acquire) {
                         let _ = super::uring::worker::timeout(super::LINGER, async {
@@ -1143,6 +1142,26 @@ impl<S: Socket> FrameWriter for TcpWriter<S> {
 /// The bytes of `frames` (not their spliced tails), to send.
 fn bytes_of(frames: &[Frame]) -> Vec<Bytes> {
     frames.iter().map(|f| f.bytes.clone()).collect()
+}
+
+/// Receive up to `want` bytes into `buf`. When it is empty, into a buffer the backend picks
+/// as they arrive, if it has such buffers (io_uring), and copied: a session waiting for a
+/// quiet server then holds no buffer (32 sessions of a forward would otherwise keep up to
+/// 256 KiB each after a burst).
+async fn receive<S: Socket>(sock: &S, buf: &mut BytesMut, want: usize) -> std::io::Result<usize> {
+    if buf.is_empty() {
+        match sock.recv_pooled(want).await? {
+            Some(Received::Data(b)) => {
+                let data = &b.as_ref()[HEADROOM..];
+                *buf = BytesMut::from(data);
+                return Ok(data.len());
+            }
+            Some(Received::Eof) => return Ok(0),
+            None => {}
+        }
+    }
+    buf.reserve(want);
+    sock.recv(buf, want).await
 }
 
 /// Write every frame of `batch`, several per syscall.

@@ -221,19 +221,43 @@ impl Worker {
 }
 
 /// A task that sends its output to `tx`, or ends early when the handle is dropped.
-fn wrap<T, F>(fut: F, mut tx: tokio::sync::oneshot::Sender<T>) -> BoxFuture
+fn wrap<T, F>(fut: F, tx: tokio::sync::oneshot::Sender<T>) -> BoxFuture
 where
     T: Send + 'static,
     F: Future<Output = T> + Send + 'static,
 {
-    Box::pin(async move {
-        tokio::pin!(fut);
-        tokio::select! {
-            biased;
-            out = &mut fut => { let _ = tx.send(out); }
-            () = tx.closed() => {}
+    // A struct, not an async block: an async block that moved `fut` into a pinned local would
+    // keep room for it twice (its capture and the local), and every connection's relay lives
+    // in one of these.
+    Box::pin(Wrapped { fut, tx: Some(tx) })
+}
+
+pin_project_lite::pin_project! {
+    struct Wrapped<F, T> {
+        #[pin]
+        fut: F,
+        tx: Option<tokio::sync::oneshot::Sender<T>>,
+    }
+}
+
+impl<F: Future<Output = T>, T> Future for Wrapped<F, T> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let Some(tx) = this.tx.as_mut() else {
+            return Poll::Ready(());
+        };
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            let _ = this.tx.take().expect("checked above").send(out);
+            return Poll::Ready(());
         }
-    })
+        // The handle is gone: nobody wants the output, end (dropping `fut` cancels it).
+        match tx.poll_closed(cx) {
+            Poll::Ready(()) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 /// The output of a task on a worker; dropping this cancels the task.
@@ -414,6 +438,7 @@ fn run(shared: &'static Shared) {
     let wake_ptr: *mut u64 = wake_buf;
     arm(wake_ptr);
     let mut wakers: Vec<Waker> = Vec::new();
+    let batch = wait_batch();
     loop {
         if shared.signalled.load(Ordering::Acquire) {
             shared.signalled.store(false, Ordering::SeqCst);
@@ -435,12 +460,16 @@ fn run(shared: &'static Shared) {
         let now = Instant::now();
         let next_timer = fire_timers(now);
         let busy = RUN.with(|q| !q.borrow().is_empty()) || shared.signalled.load(Ordering::Acquire);
-        let (want, timeout) = match busy {
+        let (want, timeout, min_wait) = match busy {
             // More to run: submit this turn's operations and take what has completed.
-            true => (0, None),
-            false => (1, next_timer.map(|at| at.saturating_duration_since(now))),
+            true => (0, None, None),
+            false => (
+                batch.0,
+                next_timer.map(|at| at.saturating_duration_since(now)),
+                batch.1,
+            ),
         };
-        let entered = ring::with(|r| r.enter(want, timeout, None));
+        let entered = ring::with(|r| r.enter(want, timeout, min_wait));
         shared.enters.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = entered {
             tracing::error!("io_uring_enter: {e}");
@@ -457,6 +486,20 @@ fn run(shared: &'static Shared) {
             w.wake();
         }
     }
+}
+
+/// How a worker waits (experiment knobs): for this many completions, but returning after the
+/// minimum wait once one is there.
+fn wait_batch() -> (u32, Option<Duration>) {
+    let n = std::env::var("RINGFWD_URING_WAIT_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let min = std::env::var("RINGFWD_URING_MIN_WAIT_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_micros);
+    (n, min)
 }
 
 /// Wake every timer due at `now`; when the next one is due.
