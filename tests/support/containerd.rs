@@ -533,37 +533,18 @@ fn check_prerequisites() -> Result<(), String> {
     if unsafe { libc::geteuid() } != 0 {
         return Err("not root (containerd needs root to run pod sandboxes)".into());
     }
-    if missing_prerequisites().is_empty() {
-        return Ok(());
-    }
-    // A fresh machine of this project: the test command sets up what it needs, once per
-    // machine, from Debian's packages (the same list as .ci/run).
-    if find_in_path("apt-get").is_some() {
-        eprintln!("containerd fixture: installing {APT_PACKAGES} with apt-get");
-        let sh = format!(
-            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {APT_PACKAGES}"
-        );
-        let status = Command::new("sh")
-            .args(["-c", &sh])
-            .stdout(std::process::Stdio::null())
-            .status();
-        if !matches!(status, Ok(s) if s.success()) {
-            return Err(format!("apt-get install {APT_PACKAGES} failed: {status:?}"));
-        }
-    }
     let missing = missing_prerequisites();
     if missing.is_empty() {
         Ok(())
     } else {
+        // The test command installs nothing itself: on a fresh machine the containerd tests
+        // skip, and .ci/install-test-deps sets up what the whole suite needs.
         Err(format!(
-            "missing {} (apt-get install -y {APT_PACKAGES})",
+            "missing {} (.ci/install-test-deps installs them)",
             missing.join(", ")
         ))
     }
 }
-
-/// Debian packages the fixture needs.
-const APT_PACKAGES: &str = "containerd runc containernetworking-plugins gcc libc6-dev";
 
 fn missing_prerequisites() -> Vec<String> {
     let mut missing = Vec::new();
@@ -835,7 +816,7 @@ fn clean_leftover_sandbox(socket: &Path, sb: &Sandbox) {
 }
 
 /// Wait until process `pid` has exited (or `deadline` passes), on its pidfd.
-fn wait_for_exit(pid: libc::pid_t, deadline: Instant) {
+pub fn wait_for_exit(pid: libc::pid_t, deadline: Instant) {
     // Safety: pidfd_open(2) with no flags returns a new fd we own, or -1 (gone already).
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
     if fd < 0 {

@@ -28,13 +28,20 @@ pub fn containerd_or_skip(test: &str) -> Option<Containerd> {
     match Containerd::start() {
         Ok(c) => Some(c),
         Err(reason) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("{test}: containerd fixture unavailable in CI: {reason}");
-            }
-            // Straight to fd 2: libtest captures `eprintln!` and drops it for passing tests,
-            // which would make the skip silent.
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
+            skip(test, &reason);
             None
         }
     }
+}
+
+/// Says loudly that `test` cannot run on this machine and why: one `SKIPPED: <test>: <reason>`
+/// line on stderr. Under CI (`CI` set), which installs everything the suite needs, it panics
+/// instead.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: cannot run in CI: {reason}");
+    }
+    // Straight to fd 2: libtest captures `eprintln!` and drops it for passing tests, which
+    // would make the skip silent.
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
 }
