@@ -7,12 +7,14 @@
 //! - `apiserver`: a small fake Kubernetes API server (HTTPS, auth, discovery, objects, watch)
 //!   that real kubectl accepts, proxying `pods/portforward` (SPDY and the KEP-4006 WebSocket
 //!   tunnel) to a CRI stream server or a `ringfwd serve`.
+//! - `postgres`: a real PostgreSQL 15 server in a pod's network namespace, and its client tools.
 //!
 //! Each test binary uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code, unused_imports)]
 
 pub mod apiserver;
 pub mod containerd;
+pub mod postgres;
 pub mod procs;
 
 use std::io::Write;
