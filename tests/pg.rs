@@ -432,22 +432,6 @@ fn restore_exact(w: &World, via: Via) -> Result<(), Failed> {
     })
 }
 
-/// Destroys every established TCP connection of this network namespace to `port` (the kernel's
-/// SOCK_DESTROY, as a crashed proxy or a conntrack flush would); how many there were.
-fn kill_connections_to(port: u16) -> Result<usize, Failed> {
-    let out = Command::new("ss")
-        .args(["-K", "-tnH", "state", "established", "dport", "="])
-        .arg(format!(":{port}"))
-        .output()?;
-    check(out.status.success(), || {
-        format!(
-            "ss -K failed (it needs root and CONFIG_INET_DIAG_DESTROY): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
-}
-
 /// The forward's upstream connections are killed once half the dump has come through:
 /// `pg_dump` must fail, never hang, never leave what looks like a complete dump, and its
 /// connection must end in a reset.
@@ -472,7 +456,7 @@ fn dump_upstream_killed(w: &World, via: Via) -> Result<(), Failed> {
         tail.extend_from_slice(&buf[..n]);
         tail.drain(..tail.len().saturating_sub(4096));
         if killed.is_none() && got >= w.dump_len / 2 {
-            killed = Some(kill_connections_to(fwd.upstream_port));
+            killed = Some(support::kill_connections_to(fwd.upstream_port));
         }
     };
     let hung = deadline.disarm();

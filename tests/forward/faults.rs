@@ -43,30 +43,6 @@ fn upstream_port(env: &Env) -> Result<u16, Failed> {
     }
 }
 
-/// Destroy every established TCP connection of ours to the upstream's `port`, as a crashed
-/// proxy or a conntrack flush would: our side fails with ECONNABORTED, the server gets a reset.
-/// Returns how many were killed.
-fn kill_upstream(port: u16) -> Result<usize, Failed> {
-    let out = Command::new("ss")
-        .args([
-            "-K",
-            "-tnH",
-            "state",
-            "established",
-            "dport",
-            "=",
-            &format!(":{port}"),
-        ])
-        .output()?;
-    check(out.status.success(), || {
-        format!(
-            "ss -K failed (it needs root and CONFIG_INET_DIAG_DESTROY): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
-}
-
 /// Target: read and discard until the connection ends or breaks (a broken upload is what
 /// these tests cause, so it is not a failure here).
 async fn drain(l: TcpListener) {
@@ -113,7 +89,7 @@ pub async fn upstream_killed_download(env: Env, protocol: Protocol) -> Result<()
 
     let mut s = TcpStream::connect(addrs[0]).await?;
     read_into_transfer(&mut s).await?;
-    let killed = kill_upstream(up_port)?;
+    let killed = support::kill_connections_to(up_port)?;
     check(killed >= 1, || "no upstream connection to kill".into())?;
     expect_reset(&mut s).await?;
     match outcomes.recv().await {
@@ -148,7 +124,7 @@ pub async fn upstream_killed_upload(env: Env, protocol: Protocol) -> Result<(), 
             }
             sent += CHUNK as u64;
             if killed.is_none() && sent >= BEFORE_FAULT {
-                killed = Some(kill_upstream(up_port)?);
+                killed = Some(support::kill_connections_to(up_port)?);
             }
         }
     };

@@ -36,6 +36,24 @@ pub fn containerd_or_skip(test: &str) -> Option<Containerd> {
     }
 }
 
+/// Destroys every established TCP connection of this network namespace to `port` (the kernel's
+/// SOCK_DESTROY through `ss -K`), as a crashed proxy or a conntrack flush would: our side fails
+/// with ECONNABORTED, the server gets a reset. Returns how many were killed.
+pub fn kill_connections_to(port: u16) -> Result<usize, String> {
+    let out = std::process::Command::new("ss")
+        .args(["-K", "-tnH", "state", "established", "dport", "="])
+        .arg(format!(":{port}"))
+        .output()
+        .map_err(|e| format!("cannot run ss: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ss -K failed (it needs root and CONFIG_INET_DIAG_DESTROY): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}
+
 /// Says loudly that `test` cannot run on this machine and why: one `SKIPPED: <test>: <reason>`
 /// line on stderr. Under CI (`CI` set), which installs everything the suite needs, it panics
 /// instead.

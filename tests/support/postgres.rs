@@ -132,23 +132,16 @@ impl Postgres {
             std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
             fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
         }
-        let out = Command::new(program("initdb"))
+        let mut initdb = Command::new(program("initdb"));
+        initdb
             .arg("-D")
             .arg(dir.path().join("data"))
             .args(["--no-sync", "--auth=trust", "--encoding=UTF8", "--locale=C"])
             .args(["--username", SUPERUSER])
             .current_dir(dir.path())
             .uid(uid)
-            .gid(gid)
-            .output()
-            .expect("spawn initdb");
-        assert!(
-            out.status.success(),
-            "postgres fixture: initdb failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .gid(gid);
+        run_ok(initdb, "initdb", String::new);
         let initdb = t0.elapsed();
         for attempt in 1..=PORT_ATTEMPTS {
             let port = free_port_in(netns);
@@ -196,36 +189,18 @@ impl Postgres {
     /// Runs `sql` in `db` straight on the server (`psql -At`, stopping at the first error) and
     /// returns what it printed. Panics on failure, with psql's and the server's messages.
     pub fn sql(&self, db: &str, sql: &str) -> String {
-        let out = self
-            .direct("psql")
-            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql])
-            .output()
-            .expect("spawn psql");
-        assert!(
-            out.status.success(),
-            "postgres fixture: {sql:?} in {db} failed ({}): {}\n--- server log ---\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.log_tail()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut psql = self.direct("psql");
+        psql.args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", sql]);
+        run_ok(psql, &format!("{sql:?} in {db}"), || self.log_tail())
     }
 
     /// A new database `db` filled by `pgbench -i -s scale` (100,000 accounts per unit of scale,
     /// about 15 MB).
     pub fn pgbench_init(&self, db: &str, scale: u32) {
         self.sql("postgres", &format!("CREATE DATABASE {db}"));
-        let out = self
-            .direct("pgbench")
-            .args(["-i", "-q", "-s", &scale.to_string(), db])
-            .output()
-            .expect("spawn pgbench");
-        assert!(
-            out.status.success(),
-            "postgres fixture: pgbench -i failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut pgbench = self.direct("pgbench");
+        pgbench.args(["-i", "-q", "-s", &scale.to_string(), db]);
+        run_ok(pgbench, "pgbench -i", || self.log_tail());
     }
 
     /// Everything the server logged so far.
@@ -237,7 +212,8 @@ impl Postgres {
     pub fn log_tail(&self) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        format!("--- server log (tail) ---\n{tail}")
     }
 }
 
@@ -278,6 +254,18 @@ pub fn client(program: &str, host: &str, port: u16) -> Command {
         .env("PGCONNECT_TIMEOUT", "30")
         .stdin(Stdio::null());
     cmd
+}
+
+/// Runs a program of the fixture to completion and returns its stdout; panics with its output,
+/// and `context` (the server's log), when it fails.
+fn run_ok(cmd: Command, what: &str, context: impl FnOnce() -> String) -> String {
+    let (ok, stdout, stderr) = super::procs::run(cmd);
+    assert!(
+        ok,
+        "postgres fixture: {what} failed: {stdout}{stderr}\n{}",
+        context()
+    );
+    stdout
 }
 
 fn program(name: &str) -> PathBuf {
