@@ -18,7 +18,8 @@
 # The client and targets are perf/client.py and perf/targets.py; perf/compare.py has the
 # details of each measurement.
 #
-# Run (from anywhere; builds target/release/ringfwd unless RINGFWD_BIN is set):
+# Run (from anywhere; builds target/profiling/ringfwd, the release code with symbols for
+# `perf record`, unless RINGFWD_BIN is set):
 #   perf/compare.sh
 # Knobs (environment):
 #   BYTES=1073741824 REPEATS=3      bytes per transfer, transfers per direction (median shown)
@@ -48,6 +49,7 @@ if [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$want" ]; then
 fi
 ulimit -n "$want"
 if [ -z "${RINGFWD_BIN:-}" ]; then
-  cargo build --release --locked --bin ringfwd
+  cargo build --profile profiling --locked --bin ringfwd
+  export RINGFWD_BIN=target/profiling/ringfwd
 fi
 exec python3 "$here/compare.py" "$@"
