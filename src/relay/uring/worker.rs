@@ -124,7 +124,7 @@ thread_local! {
     static CURRENT: Cell<Option<&'static Shared>> = const { Cell::new(None) };
     static RUN: RefCell<VecDeque<Arc<Header>>> = const { RefCell::new(VecDeque::new()) };
     static TASKS: RefCell<Slab> = const { RefCell::new(Slab { tasks: Vec::new(), free: Vec::new() }) };
-    static TIMERS: RefCell<(BinaryHeap<Timer>, u64)> = RefCell::new((BinaryHeap::new(), 0));
+    static TIMERS: RefCell<(BinaryHeap<Timer>, u64)> = const { RefCell::new((BinaryHeap::new(), 0)) };
 }
 
 struct Slab {
@@ -404,21 +404,27 @@ fn poll_task(header: Arc<Header>) {
         .as_mut()
         .poll(&mut Context::from_waker(&waker))
         .is_ready();
-    TASKS.with(|t| {
+    // A finished future is dropped after the slab is let go of: its drop may start or
+    // cancel operations and wake or spawn other tasks.
+    let finished = TASKS.with(|t| {
         let mut t = t.borrow_mut();
         if done {
             t.tasks[slot] = None;
             t.free.push(slot);
-        } else if let Some(task) = t.tasks[slot].as_mut() {
-            task.fut = Some(fut);
-            return;
+            return Some(fut);
+        }
+        match t.tasks[slot].as_mut() {
+            Some(task) => {
+                task.fut = Some(fut);
+                None
+            }
+            None => Some(fut),
         }
     });
     if done {
         header.worker.tasks.fetch_sub(1, Ordering::Relaxed);
-        // (`fut` drops here, after the slab is let go of: its drop may start or cancel
-        // operations and wake other tasks.)
     }
+    drop(finished);
 }
 
 /// The worker's loop. Never returns.
