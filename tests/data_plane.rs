@@ -255,14 +255,57 @@ fn echo_byte(c: &mut TcpStream, byte: u8) -> Result<(), String> {
     }
 }
 
-/// The io_uring plane names sockets by number (only a splice duplicates one): 300 idle
-/// connections fit under a limit of 450 descriptors, where a duplicate each would need 600.
+/// The io_uring plane names sockets by number: 300 idle connections fit under a limit of 450
+/// descriptors, where a duplicate each would need 600.
 #[test]
 fn uring_holds_a_connection_per_descriptor() {
     if let Err(e) = ringfwd::relay::uring::available() {
         return eprintln!("io_uring not available here: {e}");
     }
     hold_connections("uring", 450, 450, 300).unwrap();
+}
+
+/// Descriptors registered with any epoll instance of process `pid` (the `tfd:` lines of
+/// `/proc/PID/fdinfo`).
+fn in_epoll(pid: u32) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+        if let Ok(info) = std::fs::read_to_string(e.path()) {
+            n += info.lines().filter(|l| l.starts_with("tfd:")).count();
+        }
+    }
+    n
+}
+
+/// On the io_uring plane the sockets of relayed connections (the local ones and the upstream
+/// sessions) are owned by the workers' rings and never registered with epoll: whatever the
+/// number of connections, tokio's epoll holds only its own few descriptors (listeners, the
+/// control plane). On the epoll plane every connection's socket is in it (the check can fail).
+#[test]
+fn uring_sockets_stay_out_of_epoll() {
+    if let Err(e) = ringfwd::relay::uring::available() {
+        return eprintln!("io_uring not available here: {e}");
+    }
+    const N: usize = 200;
+    for plane in ["uring", "epoll"] {
+        let (_rt, url) = serve_in_process();
+        let fwd = forward_limited(&url, plane, 4096, 4096).unwrap();
+        let mut conns: Vec<TcpStream> = (0..N).map(|_| connect(&fwd).unwrap()).collect();
+        for (i, c) in conns.iter_mut().enumerate() {
+            echo_byte(c, i as u8).unwrap();
+        }
+        let registered = in_epoll(fwd.child.id());
+        match plane {
+            "uring" => assert!(
+                registered < 32,
+                "{registered} descriptors in the uring forward's epoll with {N} connections open"
+            ),
+            _ => assert!(
+                registered >= N,
+                "only {registered} descriptors in the epoll forward's epoll with {N} connections"
+            ),
+        }
+    }
 }
 
 /// A soft limit below what the connections need is raised to the hard limit at start-up.
