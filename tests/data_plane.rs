@@ -269,7 +269,10 @@ fn uring_holds_a_connection_per_descriptor() {
 /// `/proc/PID/fdinfo`).
 fn in_epoll(pid: u32) -> usize {
     let mut n = 0;
-    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
         if let Ok(info) = std::fs::read_to_string(e.path()) {
             n += info.lines().filter(|l| l.starts_with("tfd:")).count();
         }
