@@ -6,6 +6,9 @@
 //! from `/proc/self/task` and "CPU seconds per GB" means the forwarder's own threads, not the
 //! load generator's.
 //!
+//! `--connections N` measures the load-test shape instead (request/response on N
+//! connections, [`rr`]), with the forwarder and the embedded serve in child processes.
+//!
 //! Target protocols (all on plain TCP, simple enough to serve from any pod):
 //! - source: read a u64 LE count, send that many bytes, close;
 //! - sink: read a u64 LE count, read that many bytes, answer the count as u64 LE, close;
@@ -20,10 +23,10 @@
 //! ([`crate::plot`]).
 
 use std::io::IsTerminal;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,6 +41,8 @@ use crate::metrics::histogram::LocalHistogram;
 use crate::relay::SessionOptions;
 use crate::secret::redact_url;
 use crate::{parse_duration, plot, serve};
+
+pub mod rr;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -76,6 +81,8 @@ pub struct BenchArgs {
     /// scraper sees the final numbers.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub linger: Option<Duration>,
+    #[command(flatten)]
+    pub rr: rr::RrArgs,
 }
 
 /// Parse `1GiB`, `256MiB`, `64KiB`, `1000000`.
@@ -160,33 +167,49 @@ pub struct TargetPorts {
 
 /// Start source, sink and echo on 127.0.0.1:0 (inside `netns` if given) on the current runtime.
 pub async fn start_targets(netns: Option<&std::path::Path>) -> std::io::Result<TargetPorts> {
+    Ok(start_counted_targets(netns, None).await?.0)
+}
+
+/// [`start_targets`], on `bind`'s port 0 when given (outside any `netns`), and the count of
+/// bytes the echo target has answered (read, and about to send back).
+pub async fn start_counted_targets(
+    netns: Option<&std::path::Path>,
+    bind: Option<IpAddr>,
+) -> std::io::Result<(TargetPorts, Arc<AtomicU64>)> {
+    let echoed = Arc::new(AtomicU64::new(0));
     let mut ports = [0u16; 3];
     for (i, port) in ports.iter_mut().enumerate() {
-        let std_l = match netns {
-            Some(ns) => serve::listen_in_netns(ns)?,
-            None => std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?,
+        let std_l = match (netns, bind) {
+            (Some(ns), _) => serve::listen_in_netns(ns)?,
+            (None, Some(ip)) => std::net::TcpListener::bind((ip, 0))?,
+            (None, None) => std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?,
         };
         std_l.set_nonblocking(true)?;
         let l = TcpListener::from_std(std_l)?;
         *port = l.local_addr()?.port();
+        let echoed = echoed.clone();
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 let _ = s.set_nodelay(true);
+                let echoed = echoed.clone();
                 tokio::spawn(async move {
                     let _ = match i {
                         0 => source(s).await,
                         1 => sink(s).await,
-                        _ => echo(s).await,
+                        _ => echo(s, &echoed).await,
                     };
                 });
             }
         });
     }
-    Ok(TargetPorts {
-        source: ports[0],
-        sink: ports[1],
-        echo: ports[2],
-    })
+    Ok((
+        TargetPorts {
+            source: ports[0],
+            sink: ports[1],
+            echo: ports[2],
+        },
+        echoed,
+    ))
 }
 
 fn pattern() -> Vec<u8> {
@@ -223,10 +246,18 @@ async fn sink(mut s: TcpStream) -> std::io::Result<()> {
     s.shutdown().await
 }
 
-async fn echo(mut s: TcpStream) -> std::io::Result<()> {
-    let (mut r, mut w) = s.split();
-    tokio::io::copy(&mut r, &mut w).await?;
-    w.shutdown().await
+async fn echo(mut s: TcpStream, echoed: &AtomicU64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return s.shutdown().await;
+        }
+        // Counted before the answer leaves: once a client has its whole response, the count
+        // includes it.
+        echoed.fetch_add(n as u64, Ordering::SeqCst);
+        s.write_all(&buf[..n]).await?;
+    }
 }
 
 struct Progress {
@@ -494,6 +525,12 @@ impl std::fmt::Display for Report {
 /// Run the benchmark described by `a`; prints the table. With `metrics_addr`, the metrics
 /// endpoint runs on its own runtime for the whole run (and `--linger` after it).
 pub fn run(a: BenchArgs, metrics_addr: Option<SocketAddr>) -> Result<(), String> {
+    if a.rr.targets_only {
+        return rr::run_targets(a.targets_netns.as_deref(), a.rr.targets_bind);
+    }
+    if a.rr.connections.is_some() {
+        return rr::run(&a, metrics_addr);
+    }
     let metrics_rt = match metrics_addr {
         Some(addr) => {
             let rt = runtime("rf-metrics", 1)?;

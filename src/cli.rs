@@ -177,6 +177,17 @@ enum Command {
     Serve(ServeArgs),
     /// Measure a tunnel: throughput, CPU per GB, connect and echo latency. With no arguments it
     /// runs everything in-process on loopback (no cluster needed).
+    ///
+    /// With --connections N: request/response on N connections (the shape of a load test):
+    /// requests per second, latency, and CPU per request of the forwarder and of the server,
+    /// each in its own process.
+    ///
+    /// Examples:
+    ///   ringfwd bench
+    ///   ringfwd bench --connections 16 --message 64 --duration 10s --plot rr.svg
+    ///   ringfwd bench --connections 16 --runtime-endpoint unix:///run/containerd/containerd.sock \
+    ///       SANDBOX_ID --targets-netns /var/run/netns/NAME
+    #[command(verbatim_doc_comment)]
     Bench(bench::BenchArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     ///

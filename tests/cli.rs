@@ -1,8 +1,11 @@
 //! The command line on bad input: every mistake is one `error: ...` line on stderr naming the
 //! problem, and a non-zero exit. Runs the real binaries against real peers on port 0.
 
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 mod support;
 
@@ -165,4 +168,115 @@ fn readme_commands_work() {
     for w in ["download", "upload", "CPU", "p50", "p99"] {
         assert!(stdout.contains(w), "bench table lacks {w:?}: {stdout}");
     }
+}
+
+/// `ringfwd bench --connections N --json`: the report of a successful run.
+fn bench_rr(args: &[&str]) -> serde_json::Value {
+    let out = ringfwd(
+        &[
+            &["bench", "--connections", "3", "--duration", "1s", "--json"],
+            args,
+        ]
+        .concat(),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout:?}"))
+}
+
+/// The CPU share of `role` in a request/response report.
+fn share<'a>(report: &'a serde_json::Value, role: &str) -> Option<&'a serde_json::Value> {
+    report["cpu"].as_array()?.iter().find(|c| c["role"] == role)
+}
+
+/// The embedded request/response bench: every request the load generator counted is one the
+/// echo target answered, the forwarder and the server are separate processes (children, not
+/// this bench), and the figures agree with each other. No timing is asserted.
+#[test]
+fn bench_connections_counts_what_the_target_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("rr.svg");
+    let r = bench_rr(&["--message", "100", "--plot", svg.to_str().unwrap()]);
+    let requests = r["requests"].as_u64().unwrap();
+    assert!(requests > 0, "{r}");
+    assert_eq!(r["answered"].as_u64(), Some(requests), "{r}");
+    assert_eq!(r["connections"], 3);
+    assert_eq!(r["message"], 100);
+    let rate = r["requests_per_second"].as_f64().unwrap();
+    let secs = r["seconds"].as_f64().unwrap();
+    assert!(
+        (rate * secs - requests as f64).abs() < 1e-6 * requests as f64,
+        "{r}"
+    );
+    let l = &r["latency_ms"];
+    let q = |k: &str| l[k].as_f64().unwrap();
+    assert!(0.0 < q("p50") && q("p50") <= q("p90") && q("p90") <= q("p99") && q("p99") <= q("max"));
+
+    let fwd = share(&r, "forwarder").expect("forwarder CPU");
+    let server = share(&r, "server").expect("server CPU");
+    assert_eq!(fwd["process"], "ringfwd forward");
+    assert_eq!(server["process"], "ringfwd serve");
+    let me = u64::from(std::process::id());
+    let (fp, sp) = (
+        fwd["pid"].as_u64().unwrap(),
+        server["pid"].as_u64().unwrap(),
+    );
+    assert!(fp != sp && fp != me && sp != me, "{r}");
+    for role in ["forwarder", "server", "load generator", "echo target"] {
+        let c = share(&r, role).unwrap_or_else(|| panic!("no {role} in {r}"));
+        let (s, us) = (
+            c["seconds"].as_f64().unwrap(),
+            c["us_per_request"].as_f64().unwrap(),
+        );
+        assert!(
+            s >= 0.0 && (us - s / requests as f64 * 1e6).abs() < 1e-6,
+            "{role}: {c}"
+        );
+    }
+    let svg = std::fs::read_to_string(&svg).expect("--plot wrote the SVG");
+    assert!(svg.contains("requests per second") && svg.contains("CPU per request"));
+}
+
+/// `--echo-addr`: the load alone against someone else's echo server, which sees exactly the
+/// requests the report counts, and no forwarder or server is claimed.
+#[test]
+fn bench_connections_against_an_echo_address() {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let echoed = Arc::new(AtomicU64::new(0));
+    let count = echoed.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = conn.read(&mut buf) {
+                    count.fetch_add(n as u64, Ordering::SeqCst);
+                    if conn.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let r = bench_rr(&["--message", "1KiB", "--echo-addr", &addr.to_string()]);
+    let requests = r["requests"].as_u64().unwrap();
+    // The echo also saw the warm-up requests before the timed window.
+    let warmup = r["warmup_requests"].as_u64().unwrap();
+    assert_eq!(
+        echoed.load(Ordering::SeqCst),
+        (requests + warmup) * 1024,
+        "{r}"
+    );
+    assert!(r["answered"].is_null(), "not our target: {r}");
+    assert!(
+        share(&r, "forwarder").is_none() && share(&r, "server").is_none(),
+        "{r}"
+    );
+    assert!(share(&r, "load generator").is_some(), "{r}");
 }

@@ -818,6 +818,7 @@ fn bench_through_containerd(
         target_ports: None,
         plot: None,
         linger: None,
+        rr: Default::default(),
     };
     Trial::test("containerd::bench::spdy_1gib", move || {
         let report = ringfwd::bench::measure(&args)?;
