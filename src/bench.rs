@@ -45,6 +45,8 @@ use crate::{parse_duration, plot, serve};
 pub mod rr;
 
 const CHUNK: usize = 256 * 1024;
+/// Thread name prefix of the uring data plane's workers (src/relay/uring/worker.rs).
+const URING_WORKERS: &str = "rf-uring";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -435,6 +437,10 @@ pub struct Report {
     pub client_cpu_down: f64,
     pub client_cpu_up: f64,
     pub serve_cpu: Option<(f64, f64)>,
+    /// Embedded: the data plane's own worker threads (`rf-uring-*`), which the in-process
+    /// forward and serve share, so neither's figure can hold them. (Measuring a real tunnel,
+    /// they serve only the forward and are in the client's figure.)
+    pub shared_workers_cpu: Option<(f64, f64)>,
     /// Time to first byte of the forward's connections, from
     /// `ringfwd_connection_first_byte_seconds`: p50, p99 (ms), count.
     pub first_byte_ms: (f64, f64, u64),
@@ -490,6 +496,16 @@ impl std::fmt::Display for Report {
                 f,
                 "{:<34} {:.2} s/GB down, {:.2} s/GB up",
                 "serve CPU per GB",
+                d / gb,
+                u / gb
+            )?;
+        }
+        if let Some((d, u)) = self.shared_workers_cpu {
+            writeln!(
+                f,
+                "{:<34} {:.2} s/GB down, {:.2} s/GB up (shared by client and serve; \
+                 bench --connections runs them apart)",
+                "data-plane workers CPU per GB",
                 d / gb,
                 u / gb
             )?;
@@ -649,10 +665,15 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
         Ok::<_, String>(addrs)
     })?;
 
+    // The uring plane's workers (one set per process) carry the relays of forward and serve
+    // alike: with serve embedded they are a share of their own, else the forward's.
     let cpu = || {
+        let workers = thread_cpu_seconds(URING_WORKERS);
+        let client = thread_cpu_seconds("rf-client");
         (
-            thread_cpu_seconds("rf-client"),
+            if external { client + workers } else { client },
             thread_cpu_seconds("rf-serve"),
+            workers,
         )
     };
     let sampling = Arc::new(AtomicBool::new(a.plot.is_some()));
@@ -668,11 +689,11 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
             series
         })
     };
-    let (c0, s0) = cpu();
+    let (c0, s0, w0) = cpu();
     let down = load_rt.block_on(download(local[0], a.bytes));
-    let (c1, s1) = cpu();
+    let (c1, s1, w1) = cpu();
     let transfers = down.and_then(|d| Ok((d, load_rt.block_on(upload(local[1], a.bytes))?)));
-    let (c2, s2) = cpu();
+    let (c2, s2, w2) = cpu();
     // Stop the sampler whether or not the transfers worked.
     sampling.store(false, Ordering::Relaxed);
     let series = sampler.join().map_err(|_| "bench sampler panicked")?;
@@ -690,6 +711,7 @@ pub fn measure(a: &BenchArgs) -> Result<Report, String> {
         client_cpu_down: c1 - c0,
         client_cpu_up: c2 - c1,
         serve_cpu: (!external).then_some((s1 - s0, s2 - s1)),
+        shared_workers_cpu: (!external && w2 > w0).then_some((w1 - w0, w2 - w1)),
         first_byte_ms: hist_ms(first_byte),
         setup_ms: hist_ms(sessions.setup()),
         stall_ms: hist_ms(sessions.stall()),
