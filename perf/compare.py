@@ -614,11 +614,20 @@ def idle_memory(make, count):
         fds0 = {p.name: len(os.listdir(f"/proc/{p.pid}/fd")) for p in procs}
         argv = [sys.executable, os.path.join(HERE, "client.py"), "hold"]
         argv += [stack.entry["greet"][0], str(stack.entry["greet"][1]), str(count)]
-        holder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        errlog = os.path.join(LOGDIR, f"hold-{time.time_ns()}.log")
+        holder = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  stderr=open(errlog, "w"))
         line = holder.stdout.readline()
         if not line:
             holder.wait()
-            raise RuntimeError(f"hold client failed (exit {holder.returncode})")
+            last = (open(errlog).read().strip().splitlines() or ["no error output"])[-1]
+            # What the relay said first (a session limit, a refused accept) explains it.
+            said = [f"{p.name}: {w.split(None, 2)[-1].strip()}" for p in procs
+                    if getattr(p, "log", None)
+                    for w in [next((x for x in open(p.log) if " WARN " in x or " ERROR " in x), "")]
+                    if w]
+            raise RuntimeError(f"hold client failed (exit {holder.returncode}): {last}"
+                               + (f"; {'; '.join(said)}" if said else "") + f" (logs in {LOGDIR})")
         held = json.loads(line)
         time.sleep(1)
         after = {p.name: rss_kib(p.pid) for p in procs}
@@ -796,34 +805,40 @@ class Postgres:
 
 class PgShared(Shared):
     """The postmaster: its reaped backends' CPU counts; settle waits until no client backend
-    (a child whose title names a client address) is left."""
+    (a child whose title names a client address) is left, and no child is a zombie: an exited
+    backend's CPU reaches the postmaster's cutime/cstime only once it is reaped, and counted
+    late it would land on the next row."""
 
     def __init__(self, name, pid):
         super().__init__(name, pid, children=True)
 
     def settle(self):
         deadline = time.monotonic() + 10
-        while any(re.search(r"\[local\]|\(\d+\)", title) for title in child_titles(self.pid)):
+        while any(state == "Z" or re.search(r"\[local\]|\(\d+\)", title)
+                  for state, title in child_states(self.pid)):
             if time.monotonic() > deadline:
                 log("postgres: client backends still running after 10 s")
                 return
             time.sleep(0.02)
 
 
-def child_titles(pid):
-    titles = []
+def child_states(pid):
+    """(state, title) of each child of `pid`; a zombie's title is empty."""
+    out = []
     try:
         for t in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{t}/children") as f:
                 for c in f.read().split():
                     try:
                         with open(f"/proc/{c}/cmdline") as g:
-                            titles.append(g.read().replace("\0", " "))
+                            title = g.read().replace("\0", " ")
+                        state = stat_fields(c)[0]
                     except OSError:
-                        pass
+                        continue  # gone (reaped) meanwhile
+                    out.append((state, title))
     except FileNotFoundError:
         pass
-    return titles
+    return out
 
 
 def pgbench_wanted():
@@ -1111,7 +1126,7 @@ def render(info, rows, cmd, load0, load1, started, seconds, skipped):
             bd, bu = (b["down"], b["up"]) if b else ({}, {})
             idle = "-"
             if "idle" in r and "error" in r["idle"]:
-                idle = f"failed with {r['idle']['connections']}: {r['idle']['error'][:80]}"
+                idle = f"failed with {r['idle']['connections']}: {r['idle']['error'][:240]}"
             elif "idle" in r:
                 bi = b and "idle" in b and "kib_per_conn" in b["idle"] and b["idle"]["kib_per_conn"]
                 idle = ", ".join(f"{n} {fig(v, bi and bi.get(n), '{:.1f}')} KiB"
@@ -1305,7 +1320,7 @@ def regressions(rows):
         for part, rate, machine_key, cpu_key, unit in FIGURES:
             if ok(r, part) and ok(b, part):
                 x, y = r[part], b[part]
-                check(f"{part} {rate}", x[rate], y[rate], True)
+                check(f"{part} {'Gbit/s' if rate == 'gbit_s' else 'rate'}", x[rate], y[rate], True)
                 check(f"{part} machine {unit}", x[machine_key], y[machine_key], False)
                 for n, v in x[cpu_key].items():
                     if not is_load(n):
