@@ -239,7 +239,7 @@ async fn relay<S: Socket, B: Send>(
                 // backend picks when bytes arrive, or until the socket is readable.
                 let mut got = None;
                 if !bulk {
-                    got = sock.recv_pooled(limit).await.map_err(ConnOutcome::Local)?;
+                    got = sock.recv_stream(limit).await.map_err(ConnOutcome::Local)?;
                     if got.is_none() {
                         sock.readable().await.map_err(ConnOutcome::Local)?;
                     }

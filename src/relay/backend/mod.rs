@@ -57,6 +57,14 @@ pub trait Socket: AsFd + Send + Sync + 'static {
         std::future::ready(Ok(None))
     }
 
+    /// [`recv_pooled`](Self::recv_pooled) for a socket that receives message after message
+    /// (a local connection between messages): the backend may keep one receive armed for all
+    /// of them (io_uring's multishot receive). Mixing it with [`recv`](Self::recv) keeps the
+    /// bytes in order.
+    fn recv_stream(&self, max: usize) -> impl Future<Output = io::Result<Option<Received>>> + Send {
+        self.recv_pooled(max)
+    }
+
     /// One send of as much of `bufs`, in order, as the socket takes (waiting for room for at
     /// least one byte); how many bytes. `more`: further bytes follow at once (the kernel may
     /// hold back a partial segment). The buffers come back with the result.

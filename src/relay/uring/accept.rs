@@ -104,15 +104,16 @@ impl Drop for RingAccepts {
 
 async fn accept_loop(listener: Arc<OwnedFd>, tx: mpsc::Sender<Event>, rearm: Arc<Notify>) {
     loop {
-        // Safety: the entry points at no memory; `listener` (this task's) keeps the
-        // descriptor open for as long as the operation lives, and it is cancelled (its
-        // completions' sockets closed) when dropped.
+        // Safety: the entry points at no memory; the operation keeps a handle on the
+        // listener until its last completion, and it is cancelled (its completions' sockets
+        // closed) when dropped.
         let mut op = unsafe {
             MultiOp::start(
                 opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
                     .flags(libc::SOCK_CLOEXEC)
                     .build(),
                 Brings::Descriptors,
+                Box::new(listener.clone()),
             )
         };
         let end = loop {

@@ -143,6 +143,9 @@ pub(super) struct MultiOp {
     slot: usize,
     brings: Brings,
     ended: bool,
+    /// What the entry names (its socket), kept until the last completion (in the slot once
+    /// this value is dropped).
+    keep: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl MultiOp {
@@ -150,9 +153,13 @@ impl MultiOp {
     /// descriptors (closed here if nobody takes them).
     ///
     /// # Safety
-    /// As [`Op::start`], for memory and descriptors that the caller keeps alive for as long
-    /// as this value lives and until its last completion (the entry may point at nothing).
-    pub(super) unsafe fn start(entry: squeue::Entry, brings: Brings) -> MultiOp {
+    /// As [`Op::start`]: every pointer in the entry points into `keep` or into memory that
+    /// outlives the operation, and `keep` holds open every descriptor it names.
+    pub(super) unsafe fn start(
+        entry: squeue::Entry,
+        brings: Brings,
+        keep: Box<dyn std::any::Any + Send>,
+    ) -> MultiOp {
         ring::with(|r| {
             let slot = r.take_slot(Slot::Stream(None, Default::default()));
             // Safety: the caller's promise.
@@ -161,8 +168,17 @@ impl MultiOp {
                 slot,
                 brings,
                 ended: false,
+                keep: Some(keep),
             }
         })
+    }
+
+    /// Ask the kernel to stop it: the completions it still posts (and a last one) come to
+    /// [`poll_next`](Self::poll_next) as before.
+    pub(super) fn cancel(&mut self) {
+        if !self.ended {
+            ring::with(|r| r.cancel(self.slot));
+        }
     }
 
     /// The next completion's result and flags; `None` once the last one has been taken.
@@ -198,12 +214,13 @@ impl Drop for MultiOp {
             return;
         }
         let (slot, brings) = (self.slot, self.brings);
+        let mut keep = Some(self.keep.take().unwrap_or_else(|| Box::new(())));
         ring::try_with(|r| {
-            let queued =
-                match std::mem::replace(r.slot(slot), Slot::Abandoned(Box::new(()), brings)) {
-                    Slot::Stream(_, queue) => queue,
-                    _ => unreachable!("slot of a live multishot operation"),
-                };
+            let kept = keep.take().expect("taken once");
+            let queued = match std::mem::replace(r.slot(slot), Slot::Abandoned(kept, brings)) {
+                Slot::Stream(_, queue) => queue,
+                _ => unreachable!("slot of a live multishot operation"),
+            };
             let mut last = false;
             for (res, flags) in queued {
                 if brings == Brings::Descriptors && res >= 0 {
@@ -221,6 +238,10 @@ impl Drop for MultiOp {
                 r.cancel(slot);
             }
         });
+        if let Some(k) = keep {
+            // Dropped off its worker: never close what the kernel may still use.
+            std::mem::forget(k);
+        }
     }
 }
 

@@ -373,3 +373,71 @@ async fn one_multishot_accept_takes_every_connection() {
     let refused = tokio::net::TcpStream::connect(at).await;
     assert!(refused.is_err(), "the port still listens");
 }
+
+/// A local connection's receives: messages arrive through one multishot receive, then a bulk
+/// sender is read into buffers of our own, and nothing is lost or reordered at either switch
+/// (what the multishot receive took before it was stopped comes first), down to the end of
+/// file.
+#[tokio::test]
+async fn a_stream_of_messages_then_bulk_then_messages_again() {
+    use crate::relay::backend::{Received, Socket};
+    let Some(w) = worker() else { return };
+    super::socket::FORCE_MULTISHOT.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut a, b) = pair().await;
+    let sock = RingSocket::from_tokio(b).unwrap();
+    let bulk: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let expect = bulk.clone();
+    let (ack, mut acks) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let task = w.spawn(async move {
+        let mut got = Vec::new();
+        // Three messages, one receive each.
+        for _ in 0..3 {
+            match sock.recv_stream(64 * 1024).await.unwrap() {
+                Some(Received::Data(b)) => got.extend_from_slice(&b.as_ref()[HEADROOM..]),
+                _ => panic!("no message"),
+            }
+            ack.send(()).unwrap();
+        }
+        assert_eq!(got, b"onetwothree");
+        // The bulk: the first buffer fills, then receives of our own.
+        let mut bulk = Vec::new();
+        match sock.recv_stream(64 * 1024).await.unwrap() {
+            Some(Received::Data(b)) => bulk.extend_from_slice(&b.as_ref()[HEADROOM..]),
+            _ => panic!("no bulk"),
+        }
+        while bulk.len() < 300_000 {
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            let n = sock.recv(&mut buf, 64 * 1024).await.unwrap();
+            assert!(n > 0, "end of file after {} bulk bytes", bulk.len());
+            bulk.extend_from_slice(&buf);
+        }
+        ack.send(()).unwrap();
+        let mut tail = Vec::new();
+        loop {
+            match sock.recv_stream(64 * 1024).await.unwrap() {
+                Some(Received::Data(b)) => tail.extend_from_slice(&b.as_ref()[HEADROOM..]),
+                Some(Received::Eof) => break,
+                None => {
+                    sock.readable().await.unwrap();
+                    let mut buf = BytesMut::with_capacity(64 * 1024);
+                    match sock.recv(&mut buf, 64 * 1024).await.unwrap() {
+                        0 => break,
+                        _ => tail.extend_from_slice(&buf),
+                    }
+                }
+            }
+        }
+        (bulk, tail)
+    });
+    for m in [&b"one"[..], b"two", b"three"] {
+        a.write_all(m).await.unwrap();
+        acks.recv().await.unwrap();
+    }
+    a.write_all(&expect).await.unwrap();
+    acks.recv().await.unwrap();
+    a.write_all(b"tail").await.unwrap();
+    drop(a);
+    let (bulk, tail) = task.await.unwrap();
+    assert!(bulk == expect, "bulk bytes changed or reordered");
+    assert_eq!(tail, b"tail");
+}
