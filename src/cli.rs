@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 
-use crate::control::cluster::{Cluster, ClusterOptions, PortRequest, Target};
+use crate::control::cluster::{Cluster, ClusterOptions};
 use crate::control::config::{self, ForwardTarget};
-use crate::control::forward::{ForwardConfig, Forwarder, Listener, PortSpec, Upstream};
+use crate::control::forward::{ForwardConfig, Forwarder, Listener, Upstream};
 use crate::control::pool::{self, PoolOptions};
+use crate::control::target::{Kind, PortRequest, PortSpec, Target};
 use crate::control::upgrade::Protocol;
 use crate::metrics::ForwardMetrics;
 use crate::relay::{DataPlane, Drain, SessionOptions};
@@ -502,7 +503,7 @@ async fn cluster_forwarder(
         .resolve(target, requests)
         .await
         .map_err(|e| e.to_string())?;
-    if !matches!(target.kind, crate::control::cluster::Kind::Pod) {
+    if !matches!(target.kind, Kind::Pod) {
         println!(
             "{prefix}Selected pod {} for {target} ({}; {} matching pods)",
             resolved.pod,

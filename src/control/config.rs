@@ -31,9 +31,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::cluster::{ClusterOptions, LocalPort, PortRequest, RemotePort, Target};
-use super::forward::PortSpec;
+use super::cluster::ClusterOptions;
 use super::pool::PoolOptions;
+use super::target::{LocalPort, PortRequest, PortSpec, RemotePort, Target};
 use super::upgrade::Protocol;
 use crate::relay::{self, SessionOptions};
 

@@ -17,7 +17,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -31,6 +30,8 @@ use super::cri::CriClient;
 use super::follow::{TargetCell, TargetState};
 use super::pool::{Pool, PoolOptions, SessionFactory};
 use super::upgrade::{Protocol, Upgraded, upgrade};
+// Forwarder::new and bind take it: reachable from here too.
+pub use super::target::PortSpec;
 use crate::metrics::{ForwardMetrics, Outcome};
 use crate::proto::portforward::SpdyPortForward;
 use crate::proto::ws::WsPortForward;
@@ -76,49 +77,6 @@ impl fmt::Debug for Upstream {
                 .field("pod", pod)
                 .field("follow", follow)
                 .finish(),
-        }
-    }
-}
-
-/// `[LOCAL:]REMOTE`, as kubectl: `8080`, `8080:80`, `:80` (any free local port).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortSpec {
-    pub local: u16,
-    pub remote: u16,
-}
-
-impl FromStr for PortSpec {
-    type Err = ControlError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |reason: &str| ControlError::BadPortSpec {
-            spec: s.to_string(),
-            reason: reason.into(),
-        };
-        let port = |p: &str, what: &str| -> Result<u16, ControlError> {
-            match p.parse::<u16>() {
-                Ok(0) => Err(bad(&format!("{what} port must be between 1 and 65535"))),
-                Ok(n) => Ok(n),
-                Err(_) => Err(bad(&format!(
-                    "{what} port {p:?} is not a number between 1 and 65535"
-                ))),
-            }
-        };
-        match s.split_once(':') {
-            None => {
-                let p = port(s, "remote")?;
-                Ok(PortSpec {
-                    local: p,
-                    remote: p,
-                })
-            }
-            Some(("", r)) => Ok(PortSpec {
-                local: 0,
-                remote: port(r, "remote")?,
-            }),
-            Some((l, r)) => Ok(PortSpec {
-                local: port(l, "local")?,
-                remote: port(r, "remote")?,
-            }),
         }
     }
 }

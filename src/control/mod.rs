@@ -1,6 +1,8 @@
 //! Control plane: everything that happens before bytes flow and when a session must be replaced.
 //!
-//! Owns cluster access through the API server ([`cluster`]), the CRI client ([`cri`]), the HTTP upgrade to SPDY/3.1 or WebSocket ([`upgrade`]) and
+//! Owns what a user names (targets and ports, [`target`]), cluster access through the API
+//! server ([`cluster`]), the CRI client ([`cri`]), the HTTP upgrade to SPDY/3.1 or WebSocket
+//! ([`upgrade`]) and
 //! the forwarder ([`forward`]): local listeners, following the pod when it goes away
 //! ([`follow`]), and the session pool ([`pool`]): which session a
 //! new connection goes to, and when to set one up; and the `ringfwd up` file ([`config`]): its
@@ -13,6 +15,7 @@ pub mod follow;
 pub mod forward;
 pub mod pool;
 pub mod reconnect;
+pub mod target;
 pub mod upgrade;
 
 /// Response header by which `ringfwd serve` says it passes a half-close on to the target
