@@ -4,10 +4,9 @@
 //! kubeconfig (every auth kind the `kube` crate supports: client certificates, bearer tokens,
 //! token files, exec plugins, OIDC), turning `svc/NAME`, `deploy/NAME`, ... into one pod the way
 //! kubectl picks it, translating named and service ports into container ports, and upgrading
-//! `POST /api/v1/namespaces/NS/pods/NAME/portforward` to a multiplexed byte stream, and
-//! watching the target's pods while a forward runs, to follow it to a new pod
-//! ([`Cluster::follow`]). The target and port grammar is [`super::target`]'s; what runs on the
-//! stream is the relay's business.
+//! `POST /api/v1/namespaces/NS/pods/NAME/portforward` to a multiplexed byte stream. Following
+//! the target's pods while a forward runs is [`super::follow`]'s; the target and port grammar
+//! is [`super::target`]'s; what runs on the stream is the relay's business.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,10 +24,8 @@ use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use super::ControlError;
-use super::follow::{TargetCell, TargetState};
 use super::target::{Kind, LocalPort, PortRequest, PortSpec, RemotePort, Target};
 use super::upgrade::{Protocol, Upgraded, error_message, prepare};
-use crate::metrics::TargetChange;
 use crate::relay::TunnelIo;
 
 /// Where to find the cluster: kubectl's global flags.
@@ -142,7 +139,7 @@ impl Cluster {
     }
 
     /// One line for a failed API call, kubectl's way for errors the server sent.
-    fn api_error(&self, e: kube::Error) -> ControlError {
+    pub(super) fn api_error(&self, e: kube::Error) -> ControlError {
         match e {
             kube::Error::Api(s) if !s.message.is_empty() => {
                 let reason = if s.reason.is_empty() {
@@ -397,138 +394,6 @@ impl Cluster {
             half_close,
         })
     }
-
-    /// Follow `follow`'s pods while the forward runs, writing the pod it should go to into
-    /// `cell` ([`super::follow`]): the current pod lost (deleted, stopped running,
-    /// terminating) means waiting; a replacement (`pod/`: the same name Running again; a
-    /// workload: a Running, ready pod its selector matches, chosen as kubectl chooses) means
-    /// forwarding to it. Watched, not polled: every decision is made on a fresh list, and the
-    /// watch from that list's version says when to look again (this needs `list` and `watch`
-    /// on pods). Failed API calls are retried with the session backoff ([`super::reconnect`]);
-    /// the first of a streak is a warning. Runs until aborted.
-    pub async fn follow(self, follow: Follow, cell: TargetCell) {
-        let api = Api::<Pod>::namespaced(self.client.clone(), &self.namespace);
-        let name_field = format!("metadata.name={}", follow.target.name);
-        let (lp, wp) = match &follow.selector {
-            Some(sel) => (
-                ListParams::default().labels(sel),
-                WatchParams::default().labels(sel),
-            ),
-            None => (
-                ListParams::default().fields(&name_field),
-                WatchParams::default().fields(&name_field),
-            ),
-        };
-        // The server closes a watch after its timeout; the API caps it below 295 s.
-        let wp = wp.timeout(290);
-        let what = match follow.target.kind {
-            Kind::Pod => format!("pod {} to be Running again", follow.target.name),
-            _ => format!("a ready pod of {}", follow.target),
-        };
-        let mut failures = 0u32;
-        // One failure more: say so (once per streak), then wait before trying again.
-        let failed = |failures: &mut u32, what: &str, e: kube::Error| {
-            *failures = failures.saturating_add(1);
-            let e = self.api_error(e);
-            if *failures == 1 {
-                tracing::warn!(
-                    "cannot follow the pods of {} ({what}): {e}; trying again",
-                    follow.target
-                );
-            } else {
-                tracing::debug!("following the pods of {} ({what}): {e}", follow.target);
-            }
-            tokio::time::sleep(super::reconnect::delay(*failures, super::reconnect::draw()))
-        };
-        loop {
-            let state = cell.current();
-            let pods = match api.list(&lp).await {
-                Ok(pods) => pods,
-                Err(e) => {
-                    failed(&mut failures, "list", e).await;
-                    continue;
-                }
-            };
-            match &state {
-                TargetState::Ready { pod, .. } => {
-                    let current = pods
-                        .items
-                        .iter()
-                        .find(|p| p.metadata.name.as_deref() == Some(pod.as_str()));
-                    let loss = match current {
-                        None => Some((TargetChange::Gone, "is gone".to_string())),
-                        Some(p) => pod_loss(p).map(|why| (TargetChange::NotReady, why)),
-                    };
-                    if let Some((change, why)) = loss {
-                        cell.lost(change, &format!("pod {pod} {why}; waiting for {what}"));
-                        continue;
-                    }
-                }
-                TargetState::Waiting { .. } => {
-                    if let Some(p) = pick_replacement(pods.items, follow.target.kind) {
-                        let name = p.metadata.name.unwrap_or_default();
-                        cell.replaced(&name, &format!("pod {name}"));
-                        continue;
-                    }
-                }
-            }
-            // Nothing to do on this list: watch from its version until a pod changes.
-            let rv = pods.metadata.resource_version.unwrap_or_default();
-            let changed = async {
-                let events = api.watch(&wp, &rv).await?;
-                let mut events = std::pin::pin!(events);
-                while let Some(ev) = events.try_next().await? {
-                    let interesting = match (&ev, &state) {
-                        // Anything may be a replacement; an error (410 Gone): list again.
-                        (WatchEvent::Bookmark(_), _) => false,
-                        (_, TargetState::Waiting { .. }) => true,
-                        (WatchEvent::Error(_), _) => true,
-                        (
-                            WatchEvent::Added(p) | WatchEvent::Modified(p) | WatchEvent::Deleted(p),
-                            TargetState::Ready { pod, .. },
-                        ) => p.metadata.name.as_deref() == Some(pod.as_str()),
-                    };
-                    if interesting {
-                        break;
-                    }
-                }
-                Ok::<(), kube::Error>(())
-            };
-            match changed.await {
-                Ok(()) => failures = 0,
-                Err(e) => {
-                    failed(&mut failures, "watch", e).await;
-                }
-            }
-        }
-    }
-}
-
-/// Why a pod that a forward goes to cannot take connections any more, if it cannot: it stopped
-/// running or is being deleted. (Readiness is not required of the current pod: kubectl does not
-/// require it either, and a flapping probe must not bounce the forward.)
-pub fn pod_loss(p: &Pod) -> Option<String> {
-    if p.metadata.deletion_timestamp.is_some() {
-        return Some("is terminating".into());
-    }
-    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-    match phase {
-        Some("Running") => None,
-        other => Some(format!(
-            "is not running (phase {})",
-            other.unwrap_or("Unknown")
-        )),
-    }
-}
-
-/// The pod that replaces a lost one among `pods` (those the target's selector or name
-/// matches): Running and not terminating; for a workload also ready; the one kubectl would
-/// pick among several.
-pub fn pick_replacement(pods: Vec<Pod>, kind: Kind) -> Option<Pod> {
-    pods.into_iter()
-        .filter(|p| pod_loss(p).is_none())
-        .filter(|p| kind == Kind::Pod || pod_ready(p))
-        .max_by_key(activity)
 }
 
 /// The credential failure behind `e`, if that is what it is (kube reports it directly or
@@ -564,7 +429,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Sort key for kubectl's choice among a workload's pods (its `ActivePods` order, reversed):
 /// larger is better.
-fn activity(p: &Pod) -> impl Ord + use<> {
+pub(super) fn activity(p: &Pod) -> impl Ord + use<> {
     use std::cmp::Reverse;
     let spec_node = p.spec.as_ref().and_then(|s| s.node_name.clone());
     let status = p.status.clone().unwrap_or_default();
@@ -598,7 +463,7 @@ fn activity(p: &Pod) -> impl Ord + use<> {
     )
 }
 
-fn pod_ready(p: &Pod) -> bool {
+pub(super) fn pod_ready(p: &Pod) -> bool {
     p.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -725,7 +590,8 @@ pub struct Resolved {
     pub follow: Follow,
 }
 
-/// What a forward to a cluster target follows when its pod goes away ([`Cluster::follow`]).
+/// What a forward to a cluster target follows when its pod goes away
+/// ([`super::follow::follow_cluster`]).
 #[derive(Debug, Clone)]
 pub struct Follow {
     pub target: Target,
@@ -734,7 +600,7 @@ pub struct Follow {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
         Container, ContainerPort, ContainerStatus, PodCondition, PodSpec, PodStatus, ServicePort,
@@ -742,11 +608,12 @@ mod tests {
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-    fn t(s: &str) -> Time {
+    pub(in crate::control) fn t(s: &str) -> Time {
         Time(s.parse().unwrap())
     }
 
-    fn pod(
+    /// A pod with container ports `http` (8080) and `metrics` (9090).
+    pub(in crate::control) fn pod(
         name: &str,
         phase: &str,
         ready_since: Option<&str>,
@@ -847,48 +714,6 @@ mod tests {
                 pod("elder", "Running", Some(old), 0, old),
             ]),
             "elder"
-        );
-    }
-
-    #[test]
-    fn a_pod_is_lost_when_it_stops_running_or_terminates() {
-        let old = "2026-01-01T00:00:00Z";
-        assert_eq!(pod_loss(&pod("p", "Running", None, 0, old)), None);
-        assert_eq!(
-            pod_loss(&pod("p", "Failed", None, 0, old)).as_deref(),
-            Some("is not running (phase Failed)")
-        );
-        let mut terminating = pod("p", "Running", Some(old), 0, old);
-        terminating.metadata.deletion_timestamp = Some(t(old));
-        assert_eq!(pod_loss(&terminating).as_deref(), Some("is terminating"));
-    }
-
-    #[test]
-    fn a_replacement_runs_and_for_a_workload_is_ready() {
-        let old = "2026-01-01T00:00:00Z";
-        let new = "2026-06-01T00:00:00Z";
-        let name = |p: Option<Pod>| p.and_then(|p| p.metadata.name);
-        let unready = pod("unready", "Running", None, 0, old);
-        let pending = pod("pending", "Pending", None, 0, old);
-        let mut going = pod("going", "Running", Some(old), 0, old);
-        going.metadata.deletion_timestamp = Some(t(new));
-        let ready = pod("ready", "Running", Some(new), 0, new);
-        let all = vec![unready.clone(), pending.clone(), going, ready];
-        assert_eq!(
-            name(pick_replacement(all, Kind::Deployment)).as_deref(),
-            Some("ready")
-        );
-        assert_eq!(
-            name(pick_replacement(
-                vec![unready.clone(), pending.clone()],
-                Kind::Service
-            )),
-            None
-        );
-        // `pod/NAME`: Running is enough, as at start.
-        assert_eq!(
-            name(pick_replacement(vec![unready, pending], Kind::Pod)).as_deref(),
-            Some("unready")
         );
     }
 

@@ -13,18 +13,23 @@
 //!   [`SANDBOX_CHECK`] and at once when a connection or a session setup failed; while waiting,
 //!   the ready sandboxes are listed again with a backoff capped at [`RELIST_MAX`]. A ready
 //!   sandbox with the same pod name and namespace (the newest) replaces the old one.
-//! - Cluster targets are watched, not polled: see `Cluster::follow` ([`super::cluster`]); the
-//!   choice of the new pod is [`pick_replacement`] there.
+//! - Cluster targets are watched, not polled ([`follow_cluster`]); the choice of the new pod
+//!   is [`pick_replacement`].
 //!
 //! Must not touch sessions or connections itself: that is the forwarder's.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use tokio::sync::{Notify, watch};
 
+use super::cluster::{Cluster, Follow, activity, pod_ready};
 use super::cri::{CriClient, CriError, PodSandbox, SandboxState};
 use super::reconnect;
+use super::target::Kind;
 use crate::metrics::{ForwardMetrics, TargetChange};
 
 /// How often a runtime target's sandbox is checked while it is ready.
@@ -220,9 +225,142 @@ pub async fn follow_sandbox(mut cri: CriClient, cell: TargetCell, name: String, 
     }
 }
 
+/// Follow `follow`'s pods while the forward runs, writing the pod it should go to into
+/// `cell`: the current pod lost (deleted, stopped running,
+/// terminating) means waiting; a replacement (`pod/`: the same name Running again; a
+/// workload: a Running, ready pod its selector matches, chosen as kubectl chooses) means
+/// forwarding to it. Watched, not polled: every decision is made on a fresh list, and the
+/// watch from that list's version says when to look again (this needs `list` and `watch`
+/// on pods). Failed API calls are retried with the session backoff ([`reconnect`]);
+/// the first of a streak is a warning. Runs until aborted.
+pub async fn follow_cluster(cluster: Cluster, follow: Follow, cell: TargetCell) {
+    let api = Api::<Pod>::namespaced(cluster.client.clone(), &cluster.namespace);
+    let name_field = format!("metadata.name={}", follow.target.name);
+    let (lp, wp) = match &follow.selector {
+        Some(sel) => (
+            ListParams::default().labels(sel),
+            WatchParams::default().labels(sel),
+        ),
+        None => (
+            ListParams::default().fields(&name_field),
+            WatchParams::default().fields(&name_field),
+        ),
+    };
+    // The server closes a watch after its timeout; the API caps it below 295 s.
+    let wp = wp.timeout(290);
+    let what = match follow.target.kind {
+        Kind::Pod => format!("pod {} to be Running again", follow.target.name),
+        _ => format!("a ready pod of {}", follow.target),
+    };
+    let mut failures = 0u32;
+    // One failure more: say so (once per streak), then wait before trying again.
+    let failed = |failures: &mut u32, what: &str, e: kube::Error| {
+        *failures = failures.saturating_add(1);
+        let e = cluster.api_error(e);
+        if *failures == 1 {
+            tracing::warn!(
+                "cannot follow the pods of {} ({what}): {e}; trying again",
+                follow.target
+            );
+        } else {
+            tracing::debug!("following the pods of {} ({what}): {e}", follow.target);
+        }
+        tokio::time::sleep(reconnect::delay(*failures, reconnect::draw()))
+    };
+    loop {
+        let state = cell.current();
+        let pods = match api.list(&lp).await {
+            Ok(pods) => pods,
+            Err(e) => {
+                failed(&mut failures, "list", e).await;
+                continue;
+            }
+        };
+        match &state {
+            TargetState::Ready { pod, .. } => {
+                let current = pods
+                    .items
+                    .iter()
+                    .find(|p| p.metadata.name.as_deref() == Some(pod.as_str()));
+                let loss = match current {
+                    None => Some((TargetChange::Gone, "is gone".to_string())),
+                    Some(p) => pod_loss(p).map(|why| (TargetChange::NotReady, why)),
+                };
+                if let Some((change, why)) = loss {
+                    cell.lost(change, &format!("pod {pod} {why}; waiting for {what}"));
+                    continue;
+                }
+            }
+            TargetState::Waiting { .. } => {
+                if let Some(p) = pick_replacement(pods.items, follow.target.kind) {
+                    let name = p.metadata.name.unwrap_or_default();
+                    cell.replaced(&name, &format!("pod {name}"));
+                    continue;
+                }
+            }
+        }
+        // Nothing to do on this list: watch from its version until a pod changes.
+        let rv = pods.metadata.resource_version.unwrap_or_default();
+        let changed = async {
+            let events = api.watch(&wp, &rv).await?;
+            let mut events = std::pin::pin!(events);
+            while let Some(ev) = events.try_next().await? {
+                let interesting = match (&ev, &state) {
+                    // Anything may be a replacement; an error (410 Gone): list again.
+                    (WatchEvent::Bookmark(_), _) => false,
+                    (_, TargetState::Waiting { .. }) => true,
+                    (WatchEvent::Error(_), _) => true,
+                    (
+                        WatchEvent::Added(p) | WatchEvent::Modified(p) | WatchEvent::Deleted(p),
+                        TargetState::Ready { pod, .. },
+                    ) => p.metadata.name.as_deref() == Some(pod.as_str()),
+                };
+                if interesting {
+                    break;
+                }
+            }
+            Ok::<(), kube::Error>(())
+        };
+        match changed.await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failed(&mut failures, "watch", e).await;
+            }
+        }
+    }
+}
+
+/// Why a pod that a forward goes to cannot take connections any more, if it cannot: it stopped
+/// running or is being deleted. (Readiness is not required of the current pod: kubectl does not
+/// require it either, and a flapping probe must not bounce the forward.)
+pub fn pod_loss(p: &Pod) -> Option<String> {
+    if p.metadata.deletion_timestamp.is_some() {
+        return Some("is terminating".into());
+    }
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    match phase {
+        Some("Running") => None,
+        other => Some(format!(
+            "is not running (phase {})",
+            other.unwrap_or("Unknown")
+        )),
+    }
+}
+
+/// The pod that replaces a lost one among `pods` (those the target's selector or name
+/// matches): Running and not terminating; for a workload also ready; the one kubectl would
+/// pick among several.
+pub fn pick_replacement(pods: Vec<Pod>, kind: Kind) -> Option<Pod> {
+    pods.into_iter()
+        .filter(|p| pod_loss(p).is_none())
+        .filter(|p| kind == Kind::Pod || pod_ready(p))
+        .max_by_key(activity)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::cluster::tests::{pod, t};
     use crate::control::cri::PodSandboxMetadata;
 
     fn sb(id: &str, name: &str, ns: &str, created_at: i64) -> PodSandbox {
@@ -284,5 +422,47 @@ mod tests {
         let id = "a".repeat(64);
         assert_eq!(short(&id), "aaaaaaaaaaaa");
         assert_eq!(short("web-7d9"), "web-7d9");
+    }
+
+    #[test]
+    fn a_pod_is_lost_when_it_stops_running_or_terminates() {
+        let old = "2026-01-01T00:00:00Z";
+        assert_eq!(pod_loss(&pod("p", "Running", None, 0, old)), None);
+        assert_eq!(
+            pod_loss(&pod("p", "Failed", None, 0, old)).as_deref(),
+            Some("is not running (phase Failed)")
+        );
+        let mut terminating = pod("p", "Running", Some(old), 0, old);
+        terminating.metadata.deletion_timestamp = Some(t(old));
+        assert_eq!(pod_loss(&terminating).as_deref(), Some("is terminating"));
+    }
+
+    #[test]
+    fn a_replacement_runs_and_for_a_workload_is_ready() {
+        let old = "2026-01-01T00:00:00Z";
+        let new = "2026-06-01T00:00:00Z";
+        let name = |p: Option<Pod>| p.and_then(|p| p.metadata.name);
+        let unready = pod("unready", "Running", None, 0, old);
+        let pending = pod("pending", "Pending", None, 0, old);
+        let mut going = pod("going", "Running", Some(old), 0, old);
+        going.metadata.deletion_timestamp = Some(t(new));
+        let ready = pod("ready", "Running", Some(new), 0, new);
+        let all = vec![unready.clone(), pending.clone(), going, ready];
+        assert_eq!(
+            name(pick_replacement(all, Kind::Deployment)).as_deref(),
+            Some("ready")
+        );
+        assert_eq!(
+            name(pick_replacement(
+                vec![unready.clone(), pending.clone()],
+                Kind::Service
+            )),
+            None
+        );
+        // `pod/NAME`: Running is enough, as at start.
+        assert_eq!(
+            name(pick_replacement(vec![unready, pending], Kind::Pod)).as_deref(),
+            Some("unready")
+        );
     }
 }

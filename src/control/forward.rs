@@ -50,7 +50,7 @@ pub enum Upstream {
     /// may hold a token in its path: `Debug` shows it redacted, and so must anything else.
     Url(String),
     /// A pod's `portforward` subresource on the API server. With `follow`, a pod that goes
-    /// away is replaced as [`Cluster::follow`] says; without, the forward stays with `pod`.
+    /// away is replaced as [`super::follow::follow_cluster`] says; without, the forward stays with `pod`.
     Api {
         cluster: Cluster,
         pod: String,
@@ -326,9 +326,11 @@ impl Forwarder {
                 follow: Some(follow),
             } => {
                 let cell = TargetCell::new(pod, cfg.metrics.clone());
-                follower = Some(Box::pin(
-                    cluster.clone().follow(follow.clone(), cell.clone()),
-                ));
+                follower = Some(Box::pin(super::follow::follow_cluster(
+                    cluster.clone(),
+                    follow.clone(),
+                    cell.clone(),
+                )));
                 (None, Some(cell))
             }
             Upstream::Url(_) | Upstream::Api { .. } => (None, None),
