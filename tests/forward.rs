@@ -28,16 +28,14 @@ use ringfwd::control::pool::PoolOptions;
 use ringfwd::control::upgrade::Protocol;
 use ringfwd::relay::{ConnOutcome, SessionOptions};
 use sha2::{Digest, Sha256};
+use support::procs::{self, PayloadStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 /// Bytes per direction for the bulk transfer scenarios (the issue asks for 1 GiB).
 fn bulk_bytes() -> u64 {
-    std::env::var("RINGFWD_TEST_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1 << 30)
+    procs::bulk_bytes("RINGFWD_TEST_BYTES", 1 << 30)
 }
 
 /// Where the server side dials: our own netns for `serve`, the pod's for containerd.
@@ -64,8 +62,10 @@ impl Env {
 
     /// A port nothing listens on, where the server dials.
     fn closed_port(&self) -> u16 {
-        let l = self.bind();
-        l.local_addr().unwrap().port()
+        match &self.netns {
+            Some(_) => self.bind().local_addr().unwrap().port(),
+            None => procs::closed_port(),
+        }
     }
 
     /// Start a forward of `remotes` with `protocol`; returns the forwarder, the local address of
@@ -136,19 +136,6 @@ impl Env {
     }
 }
 
-/// Deterministic bytes: a transfer that drops, repeats or reorders anything changes the hash.
-struct Stream(u64);
-impl Stream {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
 const CHUNK: usize = 256 * 1024;
 
 /// Target: read a u64 count, send that many stream bytes, report their sha256, close.
@@ -157,7 +144,8 @@ async fn hash_source(l: TcpListener, digest: mpsc::UnboundedSender<[u8; 32]>) {
         let digest = digest.clone();
         tokio::spawn(async move {
             let n = s.read_u64_le().await.unwrap();
-            let (mut stream, mut h, mut buf) = (Stream(n | 1), Sha256::new(), vec![0u8; CHUNK]);
+            let (mut stream, mut h, mut buf) =
+                (PayloadStream(n | 1), Sha256::new(), vec![0u8; CHUNK]);
             let mut left = n;
             while left > 0 {
                 let k = left.min(CHUNK as u64) as usize;
@@ -231,7 +219,7 @@ async fn eof_reply(l: TcpListener, reply_len: usize) {
             let mut req = Vec::new();
             s.read_to_end(&mut req).await.unwrap();
             let mut reply = vec![0u8; reply_len];
-            Stream(7).fill(&mut reply);
+            PayloadStream(7).fill(&mut reply);
             s.write_all(&Sha256::digest(&req)).await.unwrap();
             s.write_all(&reply).await.unwrap();
             s.shutdown().await.unwrap();
@@ -258,7 +246,7 @@ async fn slow_reply(l: TcpListener, reply_len: usize, delay: Duration) {
             let req = read_counted(&mut s).await;
             tokio::time::sleep(delay).await; // the target's own think time, not synchronisation
             let mut reply = vec![0u8; reply_len];
-            Stream(7).fill(&mut reply);
+            PayloadStream(7).fill(&mut reply);
             s.write_all(&Sha256::digest(&req)).await.unwrap();
             s.write_all(&reply).await.unwrap();
             s.shutdown().await.unwrap();
@@ -303,7 +291,7 @@ async fn upload(env: Env, protocol: Protocol, n: u64) -> Result<(), Failed> {
     let mut s = TcpStream::connect(addrs[0]).await?;
     s.write_u64_le(n).await?;
     let (mut stream, mut h, mut buf, mut sent) =
-        (Stream(n | 1), Sha256::new(), vec![0u8; CHUNK], 0u64);
+        (PayloadStream(n | 1), Sha256::new(), vec![0u8; CHUNK], 0u64);
     while sent < n {
         let k = (n - sent).min(CHUNK as u64) as usize;
         stream.fill(&mut buf[..k]);
@@ -324,7 +312,7 @@ async fn upload(env: Env, protocol: Protocol, n: u64) -> Result<(), Failed> {
 async fn echo_exact(addr: SocketAddr, seed: u64, len: usize) -> Result<(), String> {
     let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let mut data = vec![0u8; len];
-    Stream(seed | 1).fill(&mut data);
+    PayloadStream(seed | 1).fill(&mut data);
     let (mut r, mut w) = s.split();
     let send = async {
         for c in data.chunks(16 * 1024) {
@@ -384,7 +372,7 @@ async fn half_close(env: Env, protocol: Protocol) -> Result<(), Failed> {
     let (_fwd, addrs, _) = env.forward(protocol, &[port]).await;
     let mut s = TcpStream::connect(addrs[0]).await?;
     let mut req = vec![0u8; 300_000];
-    Stream(3).fill(&mut req);
+    PayloadStream(3).fill(&mut req);
     if env.kubelet_like {
         s.write_u64_le(req.len() as u64).await?;
     }
@@ -394,7 +382,7 @@ async fn half_close(env: Env, protocol: Protocol) -> Result<(), Failed> {
     s.read_to_end(&mut reply).await?;
     let mut want = Sha256::digest(&req).to_vec();
     let mut tail = vec![0u8; REPLY];
-    Stream(7).fill(&mut tail);
+    PayloadStream(7).fill(&mut tail);
     want.extend_from_slice(&tail);
     check_reply(&reply, &want, "reply after half-close")
 }
@@ -410,14 +398,8 @@ fn check_reply(reply: &[u8], want: &[u8], what: &str) -> Result<(), Failed> {
 /// Expect the local side of a failed forward to see a reset, not an end of file.
 async fn expect_reset(s: &mut TcpStream) -> Result<(), Failed> {
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match s.read(&mut buf).await {
-            Ok(0) => return Err("failed connection ended with a clean FIN, want a reset".into()),
-            Ok(_) => continue,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Ok(()),
-            Err(e) => return Err(format!("failed connection: {e}, want a reset").into()),
-        }
-    }
+    while !procs::reset_after(s.read(&mut buf).await)? {}
+    Ok(())
 }
 
 async fn refused_port(env: Env, protocol: Protocol) -> Result<(), Failed> {

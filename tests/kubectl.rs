@@ -26,14 +26,11 @@ use sha2::{Digest, Sha256};
 use support::apiserver::{
     ApiOptions, ApiServer, Auth, Backend, IntOrString, PfKind, PodDef, ServicePortDef,
 };
-use support::procs::{PortForward, echo_on, echo_roundtrip, echo_server};
+use support::procs::{self, PayloadStream, PortForward, echo_on, echo_roundtrip, echo_server};
 
 /// Bytes per direction for the bulk scenarios.
 fn bulk_bytes() -> u64 {
-    std::env::var("RINGFWD_KUBECTL_TEST_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256 << 20)
+    procs::bulk_bytes("RINGFWD_KUBECTL_TEST_BYTES", 256 << 20)
 }
 
 const NAMESPACE: &str = "default";
@@ -123,23 +120,9 @@ impl Pod {
     }
 }
 
-/// Deterministic pseudo-random bytes: the source sends them, the client checks them.
-struct Stream(u64);
-
-impl Stream {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
 const CHUNK: usize = 256 * 1024;
 
-/// Source target: read a u64 count, send that many bytes of `Stream(count | 1)`, close.
+/// Source target: read a u64 count, send that many bytes of `PayloadStream(count | 1)`, close.
 fn source_on(l: TcpListener) {
     std::thread::spawn(move || {
         for conn in l.incoming() {
@@ -150,7 +133,7 @@ fn source_on(l: TcpListener) {
                     return;
                 }
                 let n = u64::from_le_bytes(n);
-                let (mut st, mut buf, mut left) = (Stream(n | 1), vec![0u8; CHUNK], n);
+                let (mut st, mut buf, mut left) = (PayloadStream(n | 1), vec![0u8; CHUNK], n);
                 while left > 0 {
                     let k = left.min(CHUNK as u64) as usize;
                     st.fill(&mut buf[..k]);
@@ -208,7 +191,7 @@ fn download(local: u16, n: u64) -> Result<(), Failed> {
     let mut s = connect(local)?;
     s.write_all(&n.to_le_bytes())?;
     let (mut want, mut got) = (Sha256::new(), Sha256::new());
-    let (mut st, mut exp, mut buf) = (Stream(n | 1), vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let (mut st, mut exp, mut buf) = (PayloadStream(n | 1), vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let mut total = 0u64;
     loop {
         let k = s.read(&mut buf)?;
@@ -235,8 +218,12 @@ fn download(local: u16, n: u64) -> Result<(), Failed> {
 fn upload(local: u16, n: u64) -> Result<(), Failed> {
     let mut s = connect(local)?;
     s.write_all(&n.to_le_bytes())?;
-    let (mut st, mut buf, mut h, mut left) =
-        (Stream(n ^ 0x5a5a), vec![0u8; CHUNK], Sha256::new(), n);
+    let (mut st, mut buf, mut h, mut left) = (
+        PayloadStream(n ^ 0x5a5a),
+        vec![0u8; CHUNK],
+        Sha256::new(),
+        n,
+    );
     while left > 0 {
         let k = left.min(CHUNK as u64) as usize;
         st.fill(&mut buf[..k]);
@@ -669,19 +656,6 @@ fn ringfwd_websocket_v4(pod: &Pod) -> Result<(), Failed> {
     )
 }
 
-/// Expect the local side of a connection whose pod went away to see a reset, not a clean end.
-fn expect_reset(s: &mut TcpStream) -> Result<(), Failed> {
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return Err("connection to a pod that went away ended cleanly".into()),
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
-            Err(e) => return Err(format!("connection to a pod that went away: {e}").into()),
-        }
-    }
-}
-
 /// ringfwd only (kubectl exits when its pod goes): the pod `target` forwards to is deleted,
 /// and `replacement` (a pod of the same deployment, or the same pod again) is added. The open
 /// connection is reset, one made while there is no pod waits and then works, and the forward
@@ -704,7 +678,8 @@ fn pod_replaced(pod: &Pod, target: &str, replacement: &str) -> Result<(), Failed
     check(&back == b"ping", || "echo before the pod went away".into())?;
 
     api.remove("pods", NAMESPACE, "roll-1");
-    expect_reset(&mut open)?;
+    procs::expect_reset(&mut open)
+        .map_err(|e| format!("connection to a pod that went away: {e}"))?;
     // ringfwd has seen the pod go (it reset the connection): this one arrives in the gap.
     let local = pf.local;
     let gap = std::thread::spawn(move || echo_roundtrip(local, 64 << 10));

@@ -18,14 +18,16 @@
 mod procs;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use procs::{KillOnDrop, PortForward};
+use procs::{
+    KillOnDrop, PortForward, Proc, closed_port, http_get, lines, next_line, serve_process,
+};
 use ringfwd::metrics::names;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -115,23 +117,6 @@ fn copy_watching(mut from: TcpStream, mut to: TcpStream, mut seen: impl FnMut(&[
         }
     }
     let _ = to.shutdown(Shutdown::Write);
-}
-
-/// A minimal HTTP/1.0 GET (no chunking to undo): `(status, body)`.
-fn http_get(addr: &str, target: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_string()))
 }
 
 fn url_encode(s: &str) -> String {
@@ -225,7 +210,7 @@ impl Proxy {
 struct Rig {
     /// `ringfwd bench`'s targets (the source: read a u64 LE count, send that many bytes).
     _targets: tokio::runtime::Runtime,
-    _serve: KillOnDrop,
+    _serve: Proc,
     proxy: Proxy,
     forward: PortForward,
     /// Local ports: to the source target, to a port nothing listens on.
@@ -239,20 +224,7 @@ struct Rig {
 
 impl Rig {
     fn start() -> Rig {
-        let mut serve = Command::new(BIN);
-        serve
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "off")
-            .stdout(Stdio::piped());
-        let mut serve = KillOnDrop(serve.spawn().expect("spawn ringfwd serve"));
-        let mut line = String::new();
-        BufReader::new(serve.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("Serving port-forward on ")
-            .unwrap_or_else(|| panic!("serve printed {line:?}"));
+        let (serve, url) = serve_process("off");
         let addr: SocketAddr = url
             .trim_start_matches("http://")
             .trim_end_matches("/portforward")
@@ -260,11 +232,7 @@ impl Rig {
             .unwrap();
         let proxy = Proxy::start(addr);
         let name = format!("http://127.0.0.1:{}/portforward", proxy.port);
-        let refused = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let refused = closed_port();
         let targets_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -437,13 +405,7 @@ impl Prometheus {
         // Prometheus cannot listen on port 0 and say where: take a free port and try again if
         // someone else takes it first.
         for _ in 0..5 {
-            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let addr = format!("127.0.0.1:{port}");
-            let log = dir.path().join("prometheus.log");
+            let addr = format!("127.0.0.1:{}", closed_port());
             let mut child = Command::new(bin)
                 .arg(format!("--config.file={}", config.display()))
                 .arg(format!(
@@ -455,37 +417,28 @@ impl Prometheus {
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("spawn prometheus");
-            // Its log, copied to `log` line by line: the readiness line is the event to wait
-            // for, and the end of the log (it exited) is the other.
-            let (tx, rx) = std::sync::mpsc::channel();
-            let pipe = BufReader::new(child.stderr.take().unwrap());
-            let mut file = std::fs::File::create(&log).unwrap();
-            std::thread::spawn(move || {
-                for line in pipe.lines() {
-                    let Ok(line) = line else { break };
-                    let _ = writeln!(file, "{line}");
-                    if line.contains("Server is ready to receive web requests") {
-                        let _ = tx.send(());
-                    }
-                }
-            });
+            // Its log line by line: the readiness line is the event to wait for, and the end
+            // of the log (it exited) is the other.
+            let log = lines(child.stderr.take().unwrap(), "prometheus");
             let child = KillOnDrop(child);
-            let ready = match rx.recv_timeout(DEADLINE) {
-                Ok(()) => true,
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => false,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            let ready = next_line(&log, DEADLINE, |l| {
+                l.contains("Server is ready to receive web requests")
+                    .then_some(())
+            });
+            let text = match ready {
+                Ok(()) => {
+                    return Prometheus {
+                        _child: child,
+                        addr,
+                        _dir: dir,
+                        scrapes,
+                    };
+                }
+                Err((std::sync::mpsc::RecvTimeoutError::Disconnected, seen)) => seen.join("\n"),
+                Err((std::sync::mpsc::RecvTimeoutError::Timeout, _)) => {
                     panic!("prometheus not ready after {DEADLINE:?}")
                 }
             };
-            if ready {
-                return Prometheus {
-                    _child: child,
-                    addr,
-                    _dir: dir,
-                    scrapes,
-                };
-            }
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
             assert!(
                 text.contains("address already in use"),
                 "prometheus exited:\n{text}"
@@ -869,33 +822,23 @@ fn the_name_check_catches_an_unknown_metric() {
 fn bench_exports_every_family_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("bench.svg");
-    let mut child = Command::new(BIN)
-        .args(["bench", "--metrics-addr", "127.0.0.1:0"])
+    let mut cmd = Command::new(BIN);
+    cmd.args(["bench", "--metrics-addr", "127.0.0.1:0"])
         .args(["--bytes", "32MiB", "--connects", "20", "--echoes", "100"])
         .arg("--plot")
         .arg(&svg)
         .args(["--linger", "5m"])
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _bench = KillOnDrop(child);
-    let mut lines = BufReader::new(stdout).lines();
+        .env("RUST_LOG", "off");
+    let bench = Proc::spawn(cmd);
     let mut table = Vec::new();
     let mut metrics = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
+    procs::wait_line(&bench.stdout, "the bench's plot line", |line| {
         if let Some(a) = line.strip_prefix("Metrics on http://") {
             metrics = a.strip_suffix("/metrics").map(str::to_string);
         }
-        let done = line.starts_with("Plot written to");
-        table.push(line);
-        if done {
-            break;
-        }
-    }
+        table.push(line.to_string());
+        line.starts_with("Plot written to").then_some(())
+    });
     let table = table.join("\n");
     let metrics = metrics.unwrap_or_else(|| panic!("no metrics address in:\n{table}"));
     // Lingering after the run: the endpoint still serves the final numbers.

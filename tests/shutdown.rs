@@ -7,135 +7,22 @@
 #[allow(dead_code)]
 mod procs;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
 
-use procs::{IO_TIMEOUT, KUBECTL_READY, echo_server, payload};
+use procs::{IO_TIMEOUT, Proc, echo_server, payload, serve_process};
 use sha2::{Digest, Sha256};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ringfwd");
-
-/// Longest wait for a process to exit after it was told to: a safety net against a hang, far
-/// above what any of these exits takes.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A `ringfwd` process with its output as line channels; killed on drop.
-struct Proc {
-    child: Child,
-    stdout: mpsc::Receiver<String>,
-    stderr: mpsc::Receiver<String>,
-    /// Every stderr line seen so far by [`Proc::wait_stderr`] and [`Proc::wait_exit`].
-    stderr_seen: Vec<String>,
-}
-
-/// Send each line of `pipe` to the returned channel (closed at end of file).
-fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("ringfwd: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "ringfwd=info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringfwd");
-        Proc {
-            stdout: lines(child.stdout.take().unwrap()),
-            stderr: lines(child.stderr.take().unwrap()),
-            child,
-            stderr_seen: Vec::new(),
-        }
-    }
-
-    /// The rest of the first stdout line starting with `prefix`.
-    fn wait_stdout(&mut self, prefix: &str) -> String {
-        loop {
-            match self.stdout.recv_timeout(KUBECTL_READY) {
-                Ok(line) if line.starts_with(prefix) => return line[prefix.len()..].to_string(),
-                Ok(_) => {}
-                Err(e) => panic!(
-                    "no stdout line {prefix:?} ({e}); stderr {:?}",
-                    self.drain_err()
-                ),
-            }
-        }
-    }
-
-    /// Waits for a stderr line containing `text`.
-    fn wait_stderr(&mut self, text: &str) -> String {
-        loop {
-            match self.stderr.recv_timeout(EXIT_TIMEOUT) {
-                Ok(line) => {
-                    self.stderr_seen.push(line.clone());
-                    if line.contains(text) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("no stderr line with {text:?} ({e}): {:?}", self.stderr_seen),
-            }
-        }
-    }
-
-    fn drain_err(&mut self) -> Vec<String> {
-        self.stderr_seen.extend(self.stderr.try_iter());
-        self.stderr_seen.clone()
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // Safety: kill(2) on our own child's pid, which it stays until we reap it.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-    }
-
-    /// Waits for the exit (its stderr closes first), with everything it wrote to stderr.
-    fn wait_exit(&mut self) -> (ExitStatus, String) {
-        loop {
-            match self.stderr.recv_timeout(EXIT_TIMEOUT) {
-                Ok(line) => self.stderr_seen.push(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("ringfwd did not exit: {:?}", self.stderr_seen)
-                }
-            }
-        }
-        let status = self.child.wait().expect("wait for ringfwd");
-        (status, self.stderr_seen.join("\n"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `ringfwd serve` and a `ringfwd forward --url` through it to `target`, with `args`; the
 /// forward's local port.
 fn forward_to(target: u16, args: &[&str]) -> (Proc, Proc, u16) {
-    let mut serve = Proc::spawn(&["serve", "--listen", "127.0.0.1:0"]);
-    let url = serve.wait_stdout("Serving port-forward on ");
+    let (serve, url) = serve_process("ringfwd=info");
     let spec = format!(":{target}");
     let mut all = vec!["forward", "--address", "127.0.0.1", "--url", &url];
     all.extend_from_slice(args);
     all.push(&spec);
-    let mut fwd = Proc::spawn(&all);
+    let mut fwd = Proc::ringfwd(&all);
     let line = fwd.wait_stdout("Forwarding from 127.0.0.1:");
     let port = line.split(" -> ").next().unwrap().parse().unwrap();
     (serve, fwd, port)
@@ -192,8 +79,7 @@ fn sigterm_with_nothing_open_exits_0_and_closes_the_port() {
 
 #[test]
 fn serve_exits_0_on_sigterm() {
-    let mut serve = Proc::spawn(&["serve", "--listen", "127.0.0.1:0"]);
-    let url = serve.wait_stdout("Serving port-forward on ");
+    let (mut serve, url) = serve_process("ringfwd=info");
     let port: u16 = url
         .trim_start_matches("http://127.0.0.1:")
         .split('/')

@@ -7,15 +7,11 @@
 #[allow(dead_code)]
 mod procs;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 
-use procs::{IO_TIMEOUT, KillOnDrop, echo_roundtrip, echo_server};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ringfwd");
+use procs::{Proc, RINGFWD, closed_port, echo_roundtrip, echo_server, http_get, wait_line};
 
 /// Writes `text` as `forwards.toml` in a fresh directory.
 fn forwards_file(text: &str) -> (tempfile::TempDir, String) {
@@ -26,66 +22,10 @@ fn forwards_file(text: &str) -> (tempfile::TempDir, String) {
 }
 
 fn up(file: &str) -> Output {
-    Command::new(BIN)
+    Command::new(RINGFWD)
         .args(["up", "-f", file])
         .output()
         .expect("run ringfwd up")
-}
-
-/// A port nothing listens on (bound, then released).
-fn closed_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// Each line of a child's pipe, as it comes, on a channel.
-fn lines_of(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("| {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits for the first line `want` accepts; panics with what came instead.
-fn wait_line<T>(
-    rx: &mpsc::Receiver<String>,
-    what: &str,
-    mut want: impl FnMut(&str) -> Option<T>,
-) -> T {
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(IO_TIMEOUT) {
-            Ok(line) => match want(&line) {
-                Some(v) => return v,
-                None => seen.push(line),
-            },
-            Err(e) => panic!("no {what} ({e:?}); saw {seen:#?}"),
-        }
-    }
-}
-
-/// `ringfwd serve` on a free loopback port, and its URL.
-fn serve() -> (KillOnDrop, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn ringfwd serve");
-    let out = lines_of(child.stdout.take().unwrap());
-    let child = KillOnDrop(child);
-    let url = wait_line(&out, "serve URL", |l| {
-        l.strip_prefix("Serving port-forward on ")
-            .map(str::to_string)
-    });
-    (child, url)
 }
 
 /// `NAME: Forwarding from 127.0.0.1:LOCAL -> REMOTE`.
@@ -95,23 +35,9 @@ fn forwarding(line: &str, name: &str) -> Option<(u16, u16)> {
     Some((local.parse().ok()?, remote.parse().ok()?))
 }
 
-/// `GET path` on `addr`, the whole response as text.
-fn http_get(addr: &str, path: &str) -> String {
-    let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).unwrap();
-    body
-}
-
 #[test]
 fn good_forwards_run_beside_one_that_cannot_start() {
-    let (_serve, url) = serve();
+    let (_serve, url) = procs::serve_process("off");
     let (echo_a, echo_b) = (echo_server(), echo_server());
     // The bad forward's local port is held here, so its bind fails.
     let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
@@ -138,24 +64,19 @@ fn good_forwards_run_beside_one_that_cannot_start() {
         ping_interval = "2s"
         "#
     ));
-    let mut child = Command::new(BIN)
-        .args(["up", "-f", &file, "--metrics-addr", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ringfwd up");
-    let out = lines_of(child.stdout.take().unwrap());
-    let err = lines_of(child.stderr.take().unwrap());
-    let _child = KillOnDrop(child);
+    let mut cmd = Command::new(RINGFWD);
+    cmd.args(["up", "-f", &file, "--metrics-addr", "127.0.0.1:0"]);
+    let child = Proc::spawn(cmd);
+    let (out, err) = (&child.stdout, &child.stderr);
 
-    let metrics = wait_line(&out, "metrics address", |l| {
+    let metrics = wait_line(out, "metrics address", |l| {
         l.strip_prefix("Metrics on http://")?
             .strip_suffix("/metrics")
             .map(str::to_string)
     });
     let (mut a, mut b) = (None, None);
     while a.is_none() || b.is_none() {
-        wait_line(&out, "Forwarding lines of alpha and beta", |l| {
+        wait_line(out, "Forwarding lines of alpha and beta", |l| {
             assert!(!l.starts_with("taken:"), "the taken port was bound: {l}");
             if let Some(p) = forwarding(l, "alpha") {
                 a = Some(p);
@@ -172,7 +93,7 @@ fn good_forwards_run_beside_one_that_cannot_start() {
     echo_roundtrip(local_a, 256 * 1024).unwrap();
     echo_roundtrip(local_b, 256 * 1024).unwrap();
 
-    let reason = wait_line(&err, "the taken forward's error", |l| {
+    let reason = wait_line(err, "the taken forward's error", |l| {
         l.split_once(r#"forward "taken" did not start: "#)
             .map(|(_, reason)| reason.to_string())
     });
@@ -180,12 +101,12 @@ fn good_forwards_run_beside_one_that_cannot_start() {
         reason.contains(&format!("cannot listen on 127.0.0.1:{taken_port}")),
         "{reason}"
     );
-    wait_line(&err, "the summary", |l| {
+    wait_line(err, "the summary", |l| {
         l.contains("2 of 3 forwards running").then_some(())
     });
 
     // Each forward is its own metrics label.
-    let scrape = http_get(&metrics, "/metrics");
+    let (_, scrape) = http_get(&metrics, "/metrics").unwrap();
     for name in ["alpha", "beta"] {
         let label = format!("forward=\"{name}\"");
         assert!(
@@ -223,7 +144,7 @@ fn fails_when_no_forward_can_start() {
 
 #[test]
 fn an_invalid_file_starts_nothing_and_names_every_problem() {
-    let (_serve, url) = serve();
+    let (_serve, url) = procs::serve_process("off");
     let (_dir, file) = forwards_file(&format!(
         r#"
         [[forward]]

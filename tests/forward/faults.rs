@@ -113,7 +113,7 @@ pub async fn upstream_killed_upload(env: Env, protocol: Protocol) -> Result<(), 
     let write_saw_reset = std::sync::atomic::AtomicBool::new(false);
     let send = async {
         let mut data = vec![0u8; CHUNK];
-        let mut stream = Stream(21);
+        let mut stream = PayloadStream(21);
         let mut sent = 0u64;
         let mut killed = None;
         loop {

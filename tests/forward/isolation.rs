@@ -14,7 +14,7 @@ pub async fn endless_source(l: TcpListener) {
     while let Ok((mut s, _)) = l.accept().await {
         tokio::spawn(async move {
             let mut buf = vec![0u8; CHUNK];
-            Stream(11).fill(&mut buf);
+            PayloadStream(11).fill(&mut buf);
             while s.write_all(&buf).await.is_ok() {}
         });
     }
@@ -27,7 +27,7 @@ async fn streaming_reply(l: TcpListener, chunks: usize, gap: Duration) {
         tokio::spawn(async move {
             let req = read_counted(&mut s).await;
             s.write_all(&Sha256::digest(&req)).await.unwrap();
-            let mut stream = Stream(13);
+            let mut stream = PayloadStream(13);
             let mut chunk = vec![0u8; 64 * 1024];
             for _ in 0..chunks {
                 // The target's own pace, not synchronisation: it is what the test is about.
@@ -217,7 +217,7 @@ pub async fn half_close_echo_ends(env: Env, protocol: Protocol) -> Result<(), Fa
     let (_fwd, addrs, _) = env.forward(protocol, &[port]).await;
     let mut s = TcpStream::connect(addrs[0]).await?;
     let mut req = vec![0u8; 100_000];
-    Stream(5).fill(&mut req);
+    PayloadStream(5).fill(&mut req);
     s.write_all(&req).await?;
     s.shutdown().await?;
     let mut back = vec![0u8; req.len()];
@@ -249,14 +249,14 @@ pub async fn half_close_streaming_reply(env: Env, protocol: Protocol) -> Result<
     let (_fwd, addrs, _) = env.forward(protocol, &[port]).await;
     let mut s = TcpStream::connect(addrs[0]).await?;
     let mut req = vec![0u8; 300_000];
-    Stream(3).fill(&mut req);
+    PayloadStream(3).fill(&mut req);
     s.write_u64_le(req.len() as u64).await?;
     s.write_all(&req).await?;
     s.shutdown().await?;
     let mut reply = Vec::new();
     s.read_to_end(&mut reply).await?;
     let mut want = Sha256::digest(&req).to_vec();
-    let mut stream = Stream(13);
+    let mut stream = PayloadStream(13);
     let mut chunk = vec![0u8; 64 * 1024];
     for _ in 0..CHUNKS {
         stream.fill(&mut chunk);

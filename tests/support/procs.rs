@@ -1,20 +1,31 @@
-//! Running port-forward clients (kubectl or ringfwd) as processes, and echo targets.
+//! Running port-forward clients (kubectl or ringfwd) and other processes, echo targets, and
+//! the small pieces every test file needs (payload bytes, a reset check, an HTTP GET).
 //!
 //! A [`PortForward`] is a spawned `... port-forward`-style command, started once it printed
-//! kubectl's `Forwarding from 127.0.0.1:L -> R` line, killed on drop. Plus a threaded TCP echo
-//! server and a byte-exact echo round trip through a forward.
+//! kubectl's `Forwarding from 127.0.0.1:L -> R` line, killed on drop. A [`Proc`] is any process
+//! whose output lines a test waits for ([`lines`] and [`wait_line`] underneath). Plus a
+//! threaded TCP echo server and a byte-exact echo round trip through a forward.
+//!
+//! Test files include this file directly (`#[path = "support/procs.rs"]`) or through
+//! `support`: it uses nothing else of `support`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest wait for kubectl to print its `Forwarding from` line (or exit).
 pub const KUBECTL_READY: Duration = Duration::from_secs(60);
 /// Longest wait for bytes to come back through a forward.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a process's output line or exit: a safety net against a hang, far above
+/// what any of them takes.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The ringfwd binary under test.
+pub const RINGFWD: &str = env!("CARGO_BIN_EXE_ringfwd");
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -61,17 +72,76 @@ pub fn echo_server() -> u16 {
     echo_on(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind echo"))
 }
 
-/// Deterministic pseudo-random bytes.
+/// Deterministic pseudo-random bytes, 8 per xorshift64 step: a transfer that drops, repeats or
+/// reorders anything changes them, and both ends of a transfer can make them from the seed.
+pub struct PayloadStream(pub u64);
+
+impl PayloadStream {
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// `len` bytes of [`PayloadStream`] from `seed`.
 pub fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut out = vec![0u8; len];
+    PayloadStream(seed | 1).fill(&mut out);
+    out
+}
+
+/// Bytes per direction for a bulk transfer: the environment's `var`, or `default`.
+pub fn bulk_bytes(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A loopback port nothing listens on (bound, then released).
+pub fn closed_port() -> u16 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    l.local_addr().unwrap().port()
+}
+
+/// One read of a connection that must end in a reset (a broken transfer must never look like a
+/// clean end): `Ok(true)` once the reset came, `Ok(false)` after data (read on), `Err` for an end
+/// of file or any other error.
+pub fn reset_after(read: std::io::Result<usize>) -> Result<bool, String> {
+    match read {
+        Ok(0) => Err("the connection ended with a clean end of file, want a reset".into()),
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => Ok(true),
+        Err(e) => Err(format!("the connection failed with {e}, want a reset")),
+    }
+}
+
+/// Reads `s` until it is reset; see [`reset_after`].
+pub fn expect_reset(s: &mut impl Read) -> Result<(), String> {
+    let mut buf = vec![0u8; 64 * 1024];
+    while !reset_after(s.read(&mut buf))? {}
+    Ok(())
+}
+
+/// A minimal HTTP/1.0 GET (no chunking to undo): `(status, body)`.
+pub fn http_get(addr: &str, target: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    write!(s, "GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
 }
 
 /// Sends `len` bytes to 127.0.0.1:`port` (from another thread) and checks the same bytes come
@@ -261,6 +331,160 @@ impl Drop for PortForward {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes and their output lines
+// ---------------------------------------------------------------------------------------------
+
+/// Each line of `pipe` on the returned channel as it comes (closed at end of file), and on
+/// our stderr after `label` (libtest shows it for a failed test). The pipe is read to its end
+/// even when nobody listens any more, so that the process never blocks writing to it.
+pub fn lines(pipe: impl Read + Send + 'static, label: &str) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let label = label.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{label}: {line}");
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// The first line from `rx` that `want` accepts, within `timeout`; otherwise why not (the
+/// sender closed, or the time ran out) and every line seen meanwhile.
+pub fn next_line<T>(
+    rx: &mpsc::Receiver<String>,
+    timeout: Duration,
+    mut want: impl FnMut(&str) -> Option<T>,
+) -> Result<T, (mpsc::RecvTimeoutError, Vec<String>)> {
+    let end = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => match want(&line) {
+                Some(v) => return Ok(v),
+                None => seen.push(line),
+            },
+            Err(e) => return Err((e, seen)),
+        }
+    }
+}
+
+/// [`next_line`] within [`LINE_TIMEOUT`], or a panic naming `what` and what came instead.
+pub fn wait_line<T>(
+    rx: &mpsc::Receiver<String>,
+    what: &str,
+    want: impl FnMut(&str) -> Option<T>,
+) -> T {
+    next_line(rx, LINE_TIMEOUT, want)
+        .unwrap_or_else(|(e, seen)| panic!("no {what} ({e:?}); saw {seen:#?}"))
+}
+
+/// A process with its output as line channels; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub stdout: mpsc::Receiver<String>,
+    pub stderr: mpsc::Receiver<String>,
+    /// Every stderr line seen so far by [`Proc::wait_stderr`] and [`Proc::wait_exit`].
+    stderr_seen: Vec<String>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with its stdout and stderr piped to line channels.
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let name = std::path::Path::new(cmd.get_program())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc {
+            stdout: lines(child.stdout.take().unwrap(), &name),
+            stderr: lines(child.stderr.take().unwrap(), &name),
+            child,
+            stderr_seen: Vec::new(),
+        }
+    }
+
+    /// `ringfwd ARGS` at `RUST_LOG=ringfwd=info`.
+    pub fn ringfwd(args: &[&str]) -> Proc {
+        let mut cmd = Command::new(RINGFWD);
+        cmd.args(args).env("RUST_LOG", "ringfwd=info");
+        Proc::spawn(cmd)
+    }
+
+    /// The rest of the first stdout line starting with `prefix`.
+    pub fn wait_stdout(&mut self, prefix: &str) -> String {
+        match next_line(&self.stdout, LINE_TIMEOUT, |l| {
+            l.strip_prefix(prefix).map(str::to_string)
+        }) {
+            Ok(rest) => rest,
+            Err((e, _)) => panic!(
+                "no stdout line {prefix:?} ({e:?}); stderr {:?}",
+                self.drain_err()
+            ),
+        }
+    }
+
+    /// Waits for a stderr line containing `text`.
+    pub fn wait_stderr(&mut self, text: &str) -> String {
+        let seen = &mut self.stderr_seen;
+        let found = next_line(&self.stderr, LINE_TIMEOUT, |l| {
+            seen.push(l.to_string());
+            l.contains(text).then(|| l.to_string())
+        });
+        found.unwrap_or_else(|(e, _)| panic!("no stderr line with {text:?} ({e:?}): {seen:?}"))
+    }
+
+    fn drain_err(&mut self) -> Vec<String> {
+        self.stderr_seen.extend(self.stderr.try_iter());
+        self.stderr_seen.clone()
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // Safety: kill(2) on our own child's pid, which it stays until we reap it.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for the exit (its stderr closes first), with everything it wrote to stderr.
+    pub fn wait_exit(&mut self) -> (ExitStatus, String) {
+        loop {
+            match self.stderr.recv_timeout(LINE_TIMEOUT) {
+                Ok(line) => self.stderr_seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("the process did not exit: {:?}", self.stderr_seen)
+                }
+            }
+        }
+        let status = self.child.wait().expect("wait for the process");
+        (status, self.stderr_seen.join("\n"))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ringfwd serve --listen 127.0.0.1:0` at `rust_log`, and the URL it serves on.
+pub fn serve_process(rust_log: &str) -> (Proc, String) {
+    let mut cmd = Command::new(RINGFWD);
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", rust_log);
+    let mut serve = Proc::spawn(cmd);
+    let url = serve.wait_stdout("Serving port-forward on ");
+    (serve, url)
 }
 
 /// Kills (and reaps) a child process when dropped, so no kubectl outlives its test.
