@@ -22,7 +22,9 @@
 //! - after each checkout the pool sets sessions up in the background until `warm_sessions`
 //!   are idle again; idle sessions beyond twice that are closed once they have been idle for
 //!   [`IDLE_EXPIRY`] (so a burst does not set up and tear down sessions over and over);
-//! - a session that dies, or is retired, leaves the pool at once.
+//! - a session that dies, or is retired, leaves the pool at once;
+//! - a closed pool (its pod is gone, [`Pool::close`]) retires its sessions, takes no
+//!   connection and retires any session still being set up as soon as it is ready.
 //!
 //! The choice itself is [`pick`], a pure function over what the pool knows of each session.
 //! This module owns the pool's bookkeeping only: setting a session up is the forwarder's
@@ -180,6 +182,8 @@ struct Inner {
     state: Mutex<State>,
     /// A session was added, given back or lost: checkouts waiting at [`Pick::Wait`] retry.
     changed: Notify,
+    /// Set by [`Pool::close`]; why, for the checkouts it refuses.
+    closed: Mutex<Option<String>>,
 }
 
 /// The pool; cheap to clone.
@@ -283,6 +287,7 @@ impl Pool {
                 make,
                 state: Mutex::new(State::default()),
                 changed: Notify::new(),
+                closed: Mutex::new(None),
             }),
         }
     }
@@ -300,6 +305,13 @@ impl Pool {
             .await
             .map_err(|_| ControlError::SetupTimeout(timeout))??;
         self.add(s, 0);
+        self.warm_up();
+        Ok(())
+    }
+
+    /// Set the warm reserve up in the background, and expire idle sessions from now on (what
+    /// [`start`](Self::start) does after its first session, for a pool that must not wait).
+    pub fn warm_up(&self) {
         self.refill();
         let pool: Weak<Inner> = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
@@ -313,7 +325,26 @@ impl Pool {
                 }
             }
         });
-        Ok(())
+    }
+
+    /// Close the pool for good (`why`: one line, for the connections it refuses from now on):
+    /// its sessions are retired (they end once their connections are done; resetting those is
+    /// the caller's), and a session still being set up is retired when it is ready.
+    pub fn close(&self, why: &str) {
+        *self.inner.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+        let slots = std::mem::take(&mut self.inner.lock().slots);
+        for s in slots {
+            s.session.retire();
+        }
+        self.inner.changed.notify_waiters();
+    }
+
+    fn closed(&self) -> Option<String> {
+        self.inner
+            .closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Sessions in the pool (alive and taking connections).
@@ -336,6 +367,9 @@ impl Pool {
             let changed = self.inner.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            if let Some(why) = self.closed() {
+                return Err(ControlError::Target(why));
+            }
             self.prune();
             let choice = {
                 let mut st = self.inner.lock();
@@ -384,6 +418,10 @@ impl Pool {
             match choice {
                 Pick::Create => {
                     let session = self.inner.make().await?;
+                    if let Some(why) = self.closed() {
+                        session.retire();
+                        return Err(ControlError::Target(why));
+                    }
                     let (conn, inbound) = session.open(port)?;
                     self.add(session.clone(), 1);
                     let lease = Lease {
@@ -400,6 +438,11 @@ impl Pool {
     }
 
     fn add(&self, session: Session, users: usize) {
+        if self.closed().is_some() {
+            // Its pod went while it was set up: its connection (if any) is reset by the caller.
+            session.retire();
+            return;
+        }
         self.inner.lock().slots.push(Slot {
             session: session.clone(),
             users,
@@ -427,6 +470,9 @@ impl Pool {
 
     /// Start setting up sessions until `warm_sessions` are idle or being set up.
     fn refill(&self) {
+        if self.closed().is_some() {
+            return;
+        }
         let opts = self.inner.opts;
         let mut st = self.inner.lock();
         let idle = st
