@@ -81,10 +81,17 @@ pub fn finish() {
     }
 }
 
-/// `svc/web  2 connections  up 1.2 MiB (300.0 KiB/s)  down 1.1 GiB (95.3 MiB/s)`.
+/// `svc/web  2 connections  up 1.2 MiB (300.0 KiB/s)  down 1.1 GiB (95.3 MiB/s)`; a `--spread`
+/// forward says how many each pod has: `svc/web  3 connections (web-a 2, web-b 1, web-c 0)  ...`.
 pub fn line(f: &ForwardSnapshot) -> String {
+    let pods = if f.pods.is_empty() {
+        String::new()
+    } else {
+        let each: Vec<String> = f.pods.iter().map(|(p, n)| format!("{p} {n}")).collect();
+        format!(" ({})", each.join(", "))
+    };
     format!(
-        "{}  {} connection{}  up {} ({}/s)  down {} ({}/s)",
+        "{}  {} connection{}{pods}  up {} ({}/s)  down {} ({}/s)",
         f.name,
         f.active,
         if f.active == 1 { "" } else { "s" },
@@ -149,10 +156,30 @@ mod tests {
             active: 2,
             bytes: [1536, 3 << 30],
             rate: [0, 95 << 20],
+            pods: Vec::new(),
         };
         assert_eq!(
             line(&f),
             "svc/web  2 connections  up 1.5 KiB (0 B/s)  down 3.0 GiB (95.0 MiB/s)"
+        );
+    }
+
+    #[test]
+    fn a_spread_forward_shows_each_pods_connections() {
+        let f = ForwardSnapshot {
+            name: "svc/web".into(),
+            active: 3,
+            bytes: [0, 0],
+            rate: [0, 0],
+            pods: vec![
+                ("web-a".into(), 2),
+                ("web-b".into(), 1),
+                ("web-c".into(), 0),
+            ],
+        };
+        assert_eq!(
+            line(&f),
+            "svc/web  3 connections (web-a 2, web-b 1, web-c 0)  up 0 B (0 B/s)  down 0 B (0 B/s)"
         );
     }
 

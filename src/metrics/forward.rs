@@ -4,9 +4,14 @@
 //! a [`SessionMetrics`] once per protocol the forward uses), so recording never looks a label
 //! up. Every forward of the process is in one registry, which the scrape, the sampler, the
 //! `/streams` endpoint and the live status line walk.
+//!
+//! A `--spread` forward also counts per pod ([`PodMetrics`]): plain atomics per pod, which
+//! [`render_pods`] writes out at scrape time for the pods the forward still knows; a pod it
+//! forgets ([`ForwardMetrics::forget_pod`]) leaves the exposition with it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Display;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
@@ -84,7 +89,26 @@ pub(super) struct ForwardInner {
     /// Last sample of the forward's totals and the rate derived from it.
     sample: Mutex<(Instant, [u64; 2])>,
     rate: [AtomicU64; 2],
+    /// The pods a `--spread` forward sends connections to, by name.
+    pods: Mutex<BTreeMap<Arc<str>, Arc<PodInner>>>,
 }
+
+/// What a `--spread` forward counted for one pod; the streams sent there share it.
+#[derive(Debug)]
+pub(super) struct PodInner {
+    pub(super) name: Arc<str>,
+    connections: AtomicU64,
+    /// Streams open to it now.
+    active: AtomicU64,
+    closed: [AtomicU64; OUTCOMES.len()],
+    /// Bytes of its finished streams, exported directions; added under the forward's `open`
+    /// lock, as the streams leave it, so that a scrape counts each byte once.
+    finished: [AtomicU64; 2],
+}
+
+/// The per-pod counters of one pod of a `--spread` forward. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PodMetrics(Arc<PodInner>);
 
 impl ForwardInner {
     /// Index of the exported direction of the relay's `up` / `down`.
@@ -123,12 +147,20 @@ impl ForwardInner {
     pub(super) fn end(&self, s: &StreamStats, outcome: Outcome, detail: &dyn Display) {
         self.fold(s);
         let bytes = self.directed(s);
+        let pod = s.pod.get();
         {
             let mut open = lock(&self.open);
             for dir in [UP, DOWN] {
                 self.finished[dir].fetch_add(bytes[dir], Relaxed);
+                if let Some(p) = pod {
+                    p.finished[dir].fetch_add(bytes[dir], Relaxed);
+                }
             }
             open.remove(&s.id);
+        }
+        if let Some(p) = pod {
+            p.closed[outcome as usize].fetch_add(1, Relaxed);
+            p.active.fetch_sub(1, Relaxed);
         }
         let took = s.age();
         self.closed[outcome as usize].increment(1);
@@ -145,6 +177,7 @@ impl ForwardInner {
             forward = %self.name,
             port = s.port,
             peer = s.peer.map(tracing::field::display),
+            pod = pod.map(|p| tracing::field::display(&p.name)),
             bytes_up = bytes[UP],
             bytes_down = bytes[DOWN],
             duration = ?took,
@@ -170,6 +203,13 @@ impl ForwardInner {
 
     fn open_streams(&self) -> Vec<Arc<StreamStats>> {
         lock(&self.open).values().cloned().collect()
+    }
+
+    fn sample_pods(&self) -> Vec<(Arc<str>, u64)> {
+        lock(&self.pods)
+            .values()
+            .map(|p| (p.name.clone(), p.active.load(Relaxed)))
+            .collect()
     }
 }
 
@@ -264,6 +304,7 @@ impl ForwardMetrics {
             finished: [AtomicU64::new(0), AtomicU64::new(0)],
             sample: Mutex::new((Instant::now(), [0, 0])),
             rate: [AtomicU64::new(0), AtomicU64::new(0)],
+            pods: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -321,6 +362,59 @@ impl ForwardMetrics {
     /// Bytes relayed so far, `[up, down]`, open streams included.
     pub fn totals(&self) -> [u64; 2] {
         self.0.totals()
+    }
+
+    /// The counters of pod `name` (a `--spread` forward sends connections there), exported
+    /// from now on; the same ones again for a name it already counts.
+    pub fn pod(&self, name: &str) -> PodMetrics {
+        let mut pods = lock(&self.0.pods);
+        if let Some(p) = pods.get(name) {
+            return PodMetrics(p.clone());
+        }
+        let name: Arc<str> = name.into();
+        let p = Arc::new(PodInner {
+            name: name.clone(),
+            connections: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            closed: std::array::from_fn(|_| AtomicU64::new(0)),
+            finished: [AtomicU64::new(0), AtomicU64::new(0)],
+        });
+        pods.insert(name, p.clone());
+        PodMetrics(p)
+    }
+
+    /// Pod `name` is gone: its series leave the exposition (streams still ending there count
+    /// where nobody reads).
+    pub fn forget_pod(&self, name: &str) {
+        lock(&self.0.pods).remove(name);
+    }
+
+    /// The pods counted now and the connections open to each (as the status line shows them).
+    pub fn sample_pods(&self) -> Vec<(Arc<str>, u64)> {
+        self.0.sample_pods()
+    }
+}
+
+impl PodMetrics {
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Connections open to the pod now.
+    pub fn active(&self) -> u64 {
+        self.0.active.load(Relaxed)
+    }
+
+    /// Connections sent to the pod so far.
+    pub fn connections(&self) -> u64 {
+        self.0.connections.load(Relaxed)
+    }
+
+    /// A stream goes to this pod.
+    pub(super) fn attach(&self) -> Arc<PodInner> {
+        self.0.connections.fetch_add(1, Relaxed);
+        self.0.active.fetch_add(1, Relaxed);
+        self.0.clone()
     }
 }
 
@@ -475,12 +569,16 @@ pub struct ForwardSnapshot {
     pub bytes: [u64; 2],
     /// `[up, down]` bytes/s over the last sample period.
     pub rate: [u64; 2],
+    /// A `--spread` forward's pods and the connections open to each, by name.
+    pub pods: Vec<(Arc<str>, u64)>,
 }
 
 /// One open stream as `/streams` shows it.
 #[derive(Debug, Clone)]
 pub struct StreamSnapshot {
     pub forward: Arc<str>,
+    /// The pod a `--spread` forward sent it to.
+    pub pod: Option<Arc<str>>,
     pub port: u16,
     pub peer: Option<SocketAddr>,
     pub age: Duration,
@@ -531,11 +629,13 @@ pub fn sample_all() -> Vec<ForwardSnapshot> {
             f.rate[dir].store(per_second(totals[dir], last.1[dir], dt), Relaxed);
         }
         *last = (now, totals);
+        let pods = f.sample_pods();
         out.push(ForwardSnapshot {
             name: f.name.clone(),
             active: streams.len(),
             bytes: totals,
             rate: [f.rate[UP].load(Relaxed), f.rate[DOWN].load(Relaxed)],
+            pods,
         });
     }
     out
@@ -548,6 +648,7 @@ pub fn open_streams() -> Vec<StreamSnapshot> {
         for s in f.open_streams() {
             out.push(StreamSnapshot {
                 forward: f.name.clone(),
+                pod: s.pod.get().map(|p| p.name.clone()),
                 port: s.port,
                 peer: s.peer,
                 age: s.age(),
@@ -558,4 +659,153 @@ pub fn open_streams() -> Vec<StreamSnapshot> {
     }
     out.sort_by_key(|s| std::cmp::Reverse(s.age));
     out
+}
+
+/// A label value in the text exposition: backslash, double quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The per-pod families of every `--spread` forward, in the text exposition format: each
+/// family's `# HELP` and `# TYPE` always (a process without such a forward exports them empty),
+/// then one series per pod the forward still knows (and per outcome or direction).
+pub fn render_pods(out: &mut String) {
+    struct Row {
+        forward: Arc<str>,
+        pod: Arc<PodInner>,
+        /// Finished plus open bytes, exported directions.
+        bytes: [u64; 2],
+    }
+    let mut rows = Vec::new();
+    for f in forwards() {
+        let pods: Vec<Arc<PodInner>> = lock(&f.pods).values().cloned().collect();
+        if pods.is_empty() {
+            continue;
+        }
+        // Under the lock streams leave it by: each byte is either open or finished here.
+        let open = lock(&f.open);
+        for pod in pods {
+            let mut bytes = [
+                pod.finished[UP].load(Relaxed),
+                pod.finished[DOWN].load(Relaxed),
+            ];
+            for s in open.values() {
+                if s.pod.get().is_some_and(|p| Arc::ptr_eq(p, &pod)) {
+                    let b = f.directed(s);
+                    bytes[UP] += b[UP];
+                    bytes[DOWN] += b[DOWN];
+                }
+            }
+            rows.push(Row {
+                forward: f.name.clone(),
+                pod,
+                bytes,
+            });
+        }
+    }
+    for name in POD_FAMILIES {
+        let Some(def) = super::names::def(name) else {
+            continue;
+        };
+        let kind = match def.kind {
+            super::names::Kind::Counter => "counter",
+            _ => "gauge",
+        };
+        let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {kind}", def.help);
+        for r in &rows {
+            let labels = format!(
+                "{L_FORWARD}=\"{}\",{L_POD}=\"{}\"",
+                label_value(&r.forward),
+                label_value(&r.pod.name)
+            );
+            match *name {
+                POD_CONNECTIONS => {
+                    let n = r.pod.connections.load(Relaxed);
+                    let _ = writeln!(out, "{name}{{{labels}}} {n}");
+                }
+                POD_CONNECTIONS_ACTIVE => {
+                    let n = r.pod.active.load(Relaxed);
+                    let _ = writeln!(out, "{name}{{{labels}}} {n}");
+                }
+                POD_CONNECTIONS_CLOSED => {
+                    for (i, o) in OUTCOMES.iter().enumerate() {
+                        let n = r.pod.closed[i].load(Relaxed);
+                        let _ = writeln!(out, "{name}{{{labels},{L_OUTCOME}=\"{o}\"}} {n}");
+                    }
+                }
+                POD_BYTES => {
+                    for d in [UP, DOWN] {
+                        let dir = DIRECTIONS[d];
+                        let n = r.bytes[d];
+                        let _ = writeln!(out, "{name}{{{labels},{L_DIRECTION}=\"{dir}\"}} {n}");
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines of `family` for `forward` in the per-pod exposition, without the family name.
+    fn series(forward: &str, family: &str) -> Vec<String> {
+        let mut text = String::new();
+        render_pods(&mut text);
+        let fwd = format!("{L_FORWARD}=\"{}\"", label_value(forward));
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(&fwd))
+            .map(|l| l[family.len()..].replace(&fwd, "F"))
+            .collect()
+    }
+
+    #[test]
+    fn pods_are_exported_while_known_and_dropped_when_forgotten() {
+        // A name of its own: every forward of the process is rendered.
+        let name = "svc/\"quoted\"\nrender-test";
+        let f = ForwardMetrics::new(name);
+        let web_a = f.pod("web-a");
+        let s = f.accept(None, 80);
+        s.set_pod(&web_a);
+        s.set_pod(&f.pod("web-b"));
+        s.stats().add_up(100);
+        s.stats().add_down(7);
+        assert_eq!(
+            series(name, POD_CONNECTIONS),
+            ["{F,pod=\"web-a\"} 1", "{F,pod=\"web-b\"} 0"]
+        );
+        assert_eq!(
+            series(name, POD_CONNECTIONS_ACTIVE)[0],
+            "{F,pod=\"web-a\"} 1"
+        );
+        // Open streams' bytes count while they run, and once when they end.
+        let bytes = [
+            "{F,pod=\"web-a\",direction=\"up\"} 100",
+            "{F,pod=\"web-a\",direction=\"down\"} 7",
+        ];
+        assert_eq!(series(name, POD_BYTES)[..2], bytes);
+        s.finish(Outcome::ServerError, &"refused");
+        assert_eq!(series(name, POD_BYTES)[..2], bytes);
+        assert_eq!(
+            series(name, POD_CONNECTIONS_ACTIVE)[0],
+            "{F,pod=\"web-a\"} 0"
+        );
+        let closed = series(name, POD_CONNECTIONS_CLOSED);
+        assert_eq!(closed.len(), 2 * OUTCOMES.len());
+        assert!(closed.contains(&"{F,pod=\"web-a\",outcome=\"server_error\"} 1".to_string()));
+        assert_eq!(f.sample_pods(), [("web-a".into(), 0), ("web-b".into(), 0)]);
+        f.forget_pod("web-a");
+        assert_eq!(series(name, POD_CONNECTIONS), ["{F,pod=\"web-b\"} 0"]);
+        // Every family is declared, with or without series.
+        let mut text = String::new();
+        render_pods(&mut text);
+        for family in POD_FAMILIES {
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+        }
+    }
 }

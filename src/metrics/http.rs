@@ -1,9 +1,10 @@
 //! The `--metrics-addr` endpoint: a small HTTP/1.1 server with two pages.
 //!
 //! - `GET /metrics`: the Prometheus text exposition, rendered from the recorder after folding
-//!   the open streams' bytes in (so a long transfer shows up while it runs);
-//! - `GET /streams`: JSON of the open streams: forward, remote port, peer, age, bytes and
-//!   current rate each way.
+//!   the open streams' bytes in (so a long transfer shows up while it runs), then the per-pod
+//!   families of `--spread` forwards ([`super::render_pods`]);
+//! - `GET /streams`: JSON of the open streams: forward, pod (`--spread`), remote port, peer,
+//!   age, bytes and current rate each way.
 //!
 //! Our own server rather than the exporter's listener, because `/streams` is ours and the
 //! exporter's listener is behind features that pull in more than we need.
@@ -99,10 +100,12 @@ fn route(req: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<By
     match req.uri().path() {
         "/metrics" => {
             super::fold_all();
+            let mut text = handle.render();
+            super::render_pods(&mut text);
             respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                handle.render(),
+                text,
             )
         }
         "/streams" => respond(StatusCode::OK, "application/json", streams_json()),
@@ -114,15 +117,17 @@ fn route(req: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<By
     }
 }
 
-/// `{"streams": [{"forward", "port", "peer", "age_seconds", "bytes_up", "bytes_down",
-/// "rate_up_bytes_per_second", "rate_down_bytes_per_second"}, ...]}`, oldest first. Rates are
-/// over the sampler's last second.
+/// `{"streams": [{"forward", "pod", "port", "peer", "age_seconds", "bytes_up", "bytes_down",
+/// "rate_up_bytes_per_second", "rate_down_bytes_per_second"}, ...]}`, oldest first. `pod` is
+/// the pod a `--spread` forward sent the connection to (null otherwise). Rates are over the
+/// sampler's last second.
 pub fn streams_json() -> String {
     let streams: Vec<serde_json::Value> = super::open_streams()
         .into_iter()
         .map(|s| {
             serde_json::json!({
                 "forward": &*s.forward,
+                "pod": s.pod.as_deref(),
                 "port": s.port,
                 "peer": s.peer.map(|p| p.to_string()),
                 "age_seconds": s.age.as_secs_f64(),

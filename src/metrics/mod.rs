@@ -26,8 +26,8 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub use forward::{
-    ForwardMetrics, ForwardSnapshot, SessionMetrics, StreamSnapshot, fold_all, open_streams,
-    sample_all,
+    ForwardMetrics, ForwardSnapshot, PodMetrics, SessionMetrics, StreamSnapshot, fold_all,
+    open_streams, render_pods, sample_all,
 };
 pub use stream::{Stream, StreamStats};
 

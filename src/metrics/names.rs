@@ -8,8 +8,14 @@
 //! Labels are bounded: `forward` (one per forward a process runs: its name or target),
 //! `direction` (`up`: from the local client towards the pod; `down`: towards the local client),
 //! `protocol` (`spdy`, `websocket`, `tunnel`), `data_plane` (`epoll`, `copy`, `uring`), `outcome` and `error`
-//! and `reason` (the fixed sets [`OUTCOMES`], [`SESSION_ERRORS`] and [`TARGET_REASONS`]). Never a
+//! and `reason` (the fixed sets [`OUTCOMES`], [`SESSION_ERRORS`] and [`TARGET_REASONS`]), and
+//! `pod` on the per-pod families of a `--spread` forward ([`POD_FAMILIES`]): one value per pod the
+//! forward sends connections to, bounded by the target's pods, and dropped with the pod. Never a
 //! per-connection label.
+//!
+//! The per-pod families are rendered from the forward's own per-pod state at scrape time
+//! ([`super::forward`]), not through the `metrics` recorder: the recorder has no way to forget
+//! a series, and the series of a pod that is gone must go with it.
 
 /// Label keys.
 pub const L_FORWARD: &str = "forward";
@@ -20,6 +26,7 @@ pub const L_OUTCOME: &str = "outcome";
 pub const L_ERROR: &str = "error";
 pub const L_VERSION: &str = "version";
 pub const L_REASON: &str = "reason";
+pub const L_POD: &str = "pod";
 
 /// Values of `outcome` on [`CONNECTIONS_CLOSED`], in [`super::Outcome`] order.
 pub const OUTCOMES: [&str; 7] = [
@@ -50,10 +57,14 @@ pub const SESSIONS_OPENED: &str = "ringfwd_sessions_opened_total";
 pub const SESSIONS_FAILED: &str = "ringfwd_sessions_failed_total";
 pub const RECONNECTS: &str = "ringfwd_reconnects_total";
 pub const TARGET_CHANGES: &str = "ringfwd_target_changes_total";
+pub const POD_CONNECTIONS: &str = "ringfwd_pod_connections_total";
+pub const POD_CONNECTIONS_CLOSED: &str = "ringfwd_pod_connections_closed_total";
+pub const POD_BYTES: &str = "ringfwd_pod_bytes_total";
 // Gauges.
 pub const CONNECTIONS_ACTIVE: &str = "ringfwd_connections_active";
 pub const SESSIONS_ACTIVE: &str = "ringfwd_sessions_active";
 pub const SESSIONS_STALLED: &str = "ringfwd_sessions_stalled";
+pub const POD_CONNECTIONS_ACTIVE: &str = "ringfwd_pod_connections_active";
 pub const DATA_PLANE_INFO: &str = "ringfwd_data_plane_info";
 pub const BUILD_INFO: &str = "ringfwd_build_info";
 // Histograms.
@@ -157,6 +168,30 @@ pub const ALL: &[Def] = &[
         help: "Changes of the pod a forward goes to: lost (gone, not_ready) or replaced by a new one.",
     },
     Def {
+        name: POD_CONNECTIONS,
+        kind: Kind::Counter,
+        labels: &[L_FORWARD, L_POD],
+        help: "Local connections a --spread forward sent to each pod.",
+    },
+    Def {
+        name: POD_CONNECTIONS_CLOSED,
+        kind: Kind::Counter,
+        labels: &[L_FORWARD, L_POD, L_OUTCOME],
+        help: "Connections to each pod of a --spread forward that ended, by outcome.",
+    },
+    Def {
+        name: POD_BYTES,
+        kind: Kind::Counter,
+        labels: &[L_FORWARD, L_POD, L_DIRECTION],
+        help: "Payload bytes relayed to and from each pod of a --spread forward (up: towards the pod).",
+    },
+    Def {
+        name: POD_CONNECTIONS_ACTIVE,
+        kind: Kind::Gauge,
+        labels: &[L_FORWARD, L_POD],
+        help: "Connections open to each pod of a --spread forward now.",
+    },
+    Def {
         name: CONNECTIONS_ACTIVE,
         kind: Kind::Gauge,
         labels: FWD_DP,
@@ -230,9 +265,23 @@ pub const ALL: &[Def] = &[
     },
 ];
 
-/// Register every description with the installed recorder.
+/// The per-pod families, rendered at scrape time rather than recorded (see the module docs).
+pub const POD_FAMILIES: &[&str] = &[
+    POD_CONNECTIONS,
+    POD_CONNECTIONS_CLOSED,
+    POD_BYTES,
+    POD_CONNECTIONS_ACTIVE,
+];
+
+/// The definition of `name`.
+pub fn def(name: &str) -> Option<&'static Def> {
+    ALL.iter().find(|d| d.name == name)
+}
+
+/// Register every description with the installed recorder (the per-pod families describe
+/// themselves when rendered).
 pub fn describe() {
-    for d in ALL {
+    for d in ALL.iter().filter(|d| !POD_FAMILIES.contains(&d.name)) {
         match d.kind {
             Kind::Counter => metrics::describe_counter!(d.name, d.help),
             Kind::Gauge => metrics::describe_gauge!(d.name, d.help),

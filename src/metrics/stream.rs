@@ -9,11 +9,11 @@
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::Outcome;
-use super::forward::ForwardInner;
+use super::forward::{ForwardInner, PodInner, PodMetrics};
 
 /// Byte counts and timings of one relayed connection. Directions are the relay's own: `up` is
 /// what it read from its local socket and sent into the session, `down` what it wrote to the
@@ -35,6 +35,8 @@ pub struct StreamStats {
     /// Last sample (time, up, down) and the rates derived from it, for `/streams`.
     pub(super) sample: Mutex<(Instant, u64, u64)>,
     pub(super) rate: [AtomicU64; 2],
+    /// The pod a `--spread` forward sent it to, once picked.
+    pub(super) pod: OnceLock<Arc<PodInner>>,
 }
 
 impl StreamStats {
@@ -52,6 +54,7 @@ impl StreamStats {
             first_byte_reported: AtomicBool::new(false),
             sample: Mutex::new((now, 0, 0)),
             rate: [AtomicU64::new(0), AtomicU64::new(0)],
+            pod: OnceLock::new(),
         }
     }
 
@@ -118,6 +121,14 @@ impl Stream {
 
     pub fn stats(&self) -> &StreamStats {
         &self.stats
+    }
+
+    /// The connection goes to `pod` (a `--spread` forward picked it): counted there from now
+    /// on, and shown with it. Once per stream; a second call changes nothing.
+    pub fn set_pod(&self, pod: &PodMetrics) {
+        if self.stats.pod.get().is_none() {
+            let _ = self.stats.pod.set(pod.attach());
+        }
     }
 
     /// The connection ended: fold its numbers in, count the outcome, log it (`-v`).
