@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand};
 
-use crate::control::cluster::{Cluster, ClusterOptions};
+use crate::control::cluster::{Cluster, ClusterOptions, Spreading};
 use crate::control::config::{self, ForwardTarget};
 use crate::control::forward::{ForwardConfig, Forwarder, Listener, Upstream};
 use crate::control::pool::{self, PoolOptions};
@@ -47,6 +47,12 @@ Examples:
   # Listen on port 8888 locally, forwarding to 5000 in a pod of the deployment
   ringfwd deploy/mydeployment 8888:5000      # kubectl port-forward deploy/mydeployment 8888:5000
 
+  # Spread connections over every ready pod of the service (a load test reaches them all)
+  ringfwd svc/myservice 8080:http --spread
+
+  # Spread over the pods a label selector matches, in namespace shop
+  ringfwd -n shop -l app=web --spread 8080:80
+
   # Listen on port 8888 on all addresses, forwarding to 5000 in the pod
   ringfwd --address 0.0.0.0 pod/mypod 8888:5000
 
@@ -58,7 +64,8 @@ Examples:
   ringfwd bench
 
 Usage:
-  ringfwd TYPE/NAME [options] [LOCAL_PORT:]REMOTE_PORT [...[LOCAL_PORT_N:]REMOTE_PORT_N]";
+  ringfwd TYPE/NAME [options] [LOCAL_PORT:]REMOTE_PORT [...[LOCAL_PORT_N:]REMOTE_PORT_N]
+  ringfwd -l SELECTOR --spread [options] [LOCAL_PORT:]REMOTE_PORT [...]";
 
 #[derive(Parser)]
 #[command(
@@ -69,7 +76,7 @@ Usage:
     after_help = EXAMPLES,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    override_usage = "ringfwd TYPE/NAME [options] [LOCAL_PORT:]REMOTE_PORT [...]\n       ringfwd <forward|up|serve|bench|completion> ..."
+    override_usage = "ringfwd TYPE/NAME [options] [LOCAL_PORT:]REMOTE_PORT [...]\n       ringfwd -l SELECTOR --spread [options] [LOCAL_PORT:]REMOTE_PORT [...]\n       ringfwd <forward|up|serve|bench|completion> ..."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -136,12 +143,24 @@ struct PortForwardArgs {
     pool: PoolArgs,
     #[command(flatten)]
     shutdown: ShutdownArgs,
+    /// Send each new connection to one of the target's ready pods, the one with the fewest
+    /// open connections (ties in turn), instead of to one pod; follow the pods as they become
+    /// ready, stop being ready or go. For svc/, deploy/, rs/, sts/ or -l.
+    #[arg(long)]
+    spread: bool,
+    /// With --spread: the pods this label selector matches (`app=web,tier!=db`), in the
+    /// namespace, instead of TYPE/NAME.
+    #[arg(short = 'l', long, value_name = "SELECTOR", requires = "spread")]
+    selector: Option<String>,
     /// pod/NAME (or just NAME), svc/NAME, deploy/NAME, rs/NAME or sts/NAME.
-    #[arg(value_name = "TYPE/NAME", required = true)]
+    #[arg(value_name = "TYPE/NAME", required_unless_present = "selector")]
     target: Option<String>,
     /// `8080` (same port locally), `8080:80`, `:80` (a free local port, printed), `8080:http`
     /// (a named container port, or for svc/ a service port).
-    #[arg(value_name = "[LOCAL_PORT:]REMOTE_PORT", required = true)]
+    #[arg(
+        value_name = "[LOCAL_PORT:]REMOTE_PORT",
+        required_unless_present = "selector"
+    )]
     ports: Vec<String>,
 }
 
@@ -391,6 +410,7 @@ async fn forward(a: ForwardArgs) -> Result<(), String> {
         // The forward's name is shown and exported as a metric label: never with a token.
         Upstream::Url(url) => redact_url(url),
         Upstream::Api { pod, .. } => pod.clone(),
+        Upstream::Pods { spreading, .. } => spreading.target.to_string(),
     };
     let drain = Drain::new();
     let cfg = Common {
@@ -423,14 +443,30 @@ fn listen_addresses(list: &[String]) -> Result<Vec<IpAddr>, String> {
 
 /// `ringfwd TYPE/NAME PORTS`: resolve the target through the API server, then forward.
 async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
-    let target = a.target.as_deref().ok_or("missing TYPE/NAME")?;
-    let name = match &a.namespace {
-        Some(ns) => format!("{ns}/{target}"),
-        None => target.to_string(),
+    // With -l there is no TYPE/NAME: what clap took for one is the first port.
+    let (target, ports): (Target, Vec<&String>) = match &a.selector {
+        Some(sel) => (
+            Target::selector(sel).map_err(|e| e.to_string())?,
+            a.target.iter().chain(&a.ports).collect(),
+        ),
+        None => {
+            let target = a.target.as_deref().ok_or("missing TYPE/NAME")?;
+            let target = target.parse().map_err(|e: ControlErr| e.to_string())?;
+            (target, a.ports.iter().collect())
+        }
     };
-    let target: Target = target.parse().map_err(|e: ControlErr| e.to_string())?;
-    let requests: Vec<PortRequest> = a
-        .ports
+    if ports.is_empty() {
+        return Err("no ports to forward: give at least one [LOCAL_PORT:]REMOTE_PORT".into());
+    }
+    let shown = match target.kind {
+        Kind::Selector => target.to_string(),
+        _ => a.target.clone().unwrap_or_default(),
+    };
+    let name = match &a.namespace {
+        Some(ns) => format!("{ns}/{shown}"),
+        None => shown,
+    };
+    let requests: Vec<PortRequest> = ports
         .iter()
         .map(|s| s.parse::<PortRequest>())
         .collect::<Result<_, _>>()
@@ -457,9 +493,24 @@ async fn port_forward(a: PortForwardArgs) -> Result<(), String> {
         namespace: a.namespace,
         pod_running_timeout: a.pod_running_timeout,
     };
-    let (fwd, specs) =
-        cluster_forwarder(&options, &target, &requests, protocol, common, "").await?;
+    let how = ClusterForward {
+        target: &target,
+        requests: &requests,
+        protocol,
+        spread: a.spread,
+    };
+    let (fwd, specs) = cluster_forwarder(&options, how, common, "").await?;
     run_forward(fwd, &specs, &drain, a.shutdown.grace).await
+}
+
+/// What a forward to a cluster target is asked to do.
+struct ClusterForward<'a> {
+    target: &'a Target,
+    requests: &'a [PortRequest],
+    /// `None` is `--protocol auto`.
+    protocol: Option<Protocol>,
+    /// `--spread`: every ready pod, not one.
+    spread: bool,
 }
 
 /// What every forward has besides its upstream.
@@ -489,16 +540,68 @@ impl Common {
 }
 
 /// Resolve a cluster target to a pod (printing which, for a workload; each line starts with
-/// `prefix`) and set up its forwarder. `protocol` `None` is `--protocol auto`.
+/// `prefix`), or to its pods with `--spread` (printing the ready ones), and set up its
+/// forwarder.
 async fn cluster_forwarder(
     options: &ClusterOptions,
-    target: &Target,
-    requests: &[PortRequest],
-    protocol: Option<Protocol>,
+    how: ClusterForward<'_>,
     common: Common,
     prefix: &str,
 ) -> Result<(Arc<Forwarder>, Vec<PortSpec>), String> {
+    let ClusterForward {
+        target,
+        requests,
+        protocol,
+        spread,
+    } = how;
+    if spread {
+        // Before any cluster call: the target alone says it.
+        Spreading::check_target(target).map_err(|e| e.to_string())?;
+    }
     let cluster = Cluster::connect(options).await.map_err(|e| e.to_string())?;
+    let websockets_off = std::env::var("KUBECTL_PORT_FORWARD_WEBSOCKETS")
+        .is_ok_and(|v| v.eq_ignore_ascii_case("false"));
+    let (protocol, fallback_to_spdy) = match protocol {
+        None if websockets_off => (Protocol::Spdy, false),
+        None => (Protocol::Tunnel, true),
+        Some(p) => (p, false),
+    };
+    if spread {
+        let spreading = cluster
+            .resolve_spread(target, requests)
+            .await
+            .map_err(|e| e.to_string())?;
+        let specs = spreading.specs.clone();
+        let cfg = ForwardConfig {
+            upstream: Upstream::Pods {
+                cluster,
+                spreading: Box::new(spreading),
+            },
+            protocol,
+            fallback_to_spdy,
+            bearer: None,
+            addresses: common.addresses,
+            session: common.session,
+            pool: common.pool,
+            metrics: common.metrics,
+        };
+        let fwd = Forwarder::new(cfg, &specs)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ready = fwd.ready_pods().unwrap_or_default();
+        match ready.len() {
+            0 => println!(
+                "{prefix}Spreading connections over the ready pods of {target}: none is ready yet \
+                 (connections are reset until one is)"
+            ),
+            n => println!(
+                "{prefix}Spreading connections over {n} ready pod{} of {target}: {}",
+                if n == 1 { "" } else { "s" },
+                ready.join(", ")
+            ),
+        }
+        return Ok((fwd, specs));
+    }
     let resolved = cluster
         .resolve(target, requests)
         .await
@@ -515,13 +618,6 @@ async fn cluster_forwarder(
             resolved.candidates,
         );
     }
-    let websockets_off = std::env::var("KUBECTL_PORT_FORWARD_WEBSOCKETS")
-        .is_ok_and(|v| v.eq_ignore_ascii_case("false"));
-    let (protocol, fallback_to_spdy) = match protocol {
-        None if websockets_off => (Protocol::Spdy, false),
-        None => (Protocol::Tunnel, true),
-        Some(p) => (p, false),
-    };
     let cfg = ForwardConfig {
         upstream: Upstream::Api {
             cluster,
@@ -692,10 +788,19 @@ async fn start_configured(
     let (fwd, specs) = match &f.target {
         ForwardTarget::Cluster {
             target,
+            spread,
             ports,
             options,
             protocol,
-        } => cluster_forwarder(options, target, ports, *protocol, common, prefix).await?,
+        } => {
+            let how = ClusterForward {
+                target,
+                requests: ports,
+                protocol: *protocol,
+                spread: *spread,
+            };
+            cluster_forwarder(options, how, common, prefix).await?
+        }
         ForwardTarget::Runtime {
             endpoint,
             sandbox,

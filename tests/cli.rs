@@ -43,6 +43,17 @@ fn malformed_port_spec() {
 }
 
 #[test]
+fn spread_needs_several_pods() {
+    for target in ["pod/web-0", "web-0"] {
+        let out = ringfwd(&[target, "80", "--spread"]);
+        assert_one_line_error(&out, &["--spread needs a target with several pods", target]);
+    }
+    // -l alone has no TYPE/NAME to take the first port from: the ports must be there.
+    let out = ringfwd(&["-l", "app=web", "--spread"]);
+    assert_one_line_error(&out, &["no ports to forward"]);
+}
+
+#[test]
 fn unknown_target_type() {
     let out = ringfwd(&["job/x", "80"]);
     assert_one_line_error(&out, &["job/x", "unsupported type"]);

@@ -195,15 +195,16 @@ impl Cluster {
             .map_err(|e| self.api_error(e))
     }
 
-    /// Resolve `target` to one pod, and `ports` to container port numbers on it.
-    pub async fn resolve(
+    /// The label selector (in query syntax) of a target that names several pods, and for
+    /// `svc/` the service (its ports translate to container ports).
+    async fn selector_of(
         &self,
         target: &Target,
-        ports: &[PortRequest],
-    ) -> Result<Resolved, ControlError> {
-        let mut selector = None;
-        let (pod, candidates, service) = match target.kind {
-            Kind::Pod => (self.get::<Pod>(&target.name).await?, 1, None),
+    ) -> Result<(String, Option<Service>), ControlError> {
+        let workload = |sel: Option<LabelSelector>| selector_string(sel);
+        Ok(match target.kind {
+            Kind::Pod => unreachable!("a pod is named, not selected"),
+            Kind::Selector => (target.name.clone(), None),
             Kind::Service => {
                 let svc: Service = self.get(&target.name).await?;
                 let labels = svc
@@ -217,27 +218,36 @@ impl Cluster {
                             target.name
                         ))
                     })?;
-                let sel = selector.insert(match_labels(&labels));
-                let (pod, n) = self.pick_pod(target, sel).await?;
-                (pod, n, Some(svc))
+                (match_labels(&labels), Some(svc))
             }
             Kind::Deployment => {
                 let d: Deployment = self.get(&target.name).await?;
-                let sel = selector.insert(selector_string(d.spec.map(|s| s.selector))?);
-                let (pod, n) = self.pick_pod(target, sel).await?;
-                (pod, n, None)
+                (workload(d.spec.map(|s| s.selector))?, None)
             }
             Kind::ReplicaSet => {
                 let rs: ReplicaSet = self.get(&target.name).await?;
-                let sel = selector.insert(selector_string(rs.spec.map(|s| s.selector))?);
-                let (pod, n) = self.pick_pod(target, sel).await?;
-                (pod, n, None)
+                (workload(rs.spec.map(|s| s.selector))?, None)
             }
             Kind::StatefulSet => {
                 let s: StatefulSet = self.get(&target.name).await?;
-                let sel = selector.insert(selector_string(s.spec.map(|s| s.selector))?);
-                let (pod, n) = self.pick_pod(target, sel).await?;
-                (pod, n, None)
+                (workload(s.spec.map(|s| s.selector))?, None)
+            }
+        })
+    }
+
+    /// Resolve `target` to one pod, and `ports` to container port numbers on it.
+    pub async fn resolve(
+        &self,
+        target: &Target,
+        ports: &[PortRequest],
+    ) -> Result<Resolved, ControlError> {
+        let mut selector = None;
+        let (pod, candidates, service) = match target.kind {
+            Kind::Pod => (self.get::<Pod>(&target.name).await?, 1, None),
+            _ => {
+                let (sel, service) = self.selector_of(target).await?;
+                let (pod, n) = self.pick_pod(target, selector.insert(sel)).await?;
+                (pod, n, service)
             }
         };
         let name = pod.metadata.name.clone().unwrap_or_default();
@@ -268,15 +278,62 @@ impl Cluster {
         })
     }
 
+    /// Resolve `target` to the pods its selector matches, for `--spread`: every ready one
+    /// takes connections, each on its own port for a `[LOCAL:]REMOTE` ([`Spreading::view`]).
+    /// The forward's listeners know a port as the service port (`svc/`), the number asked for,
+    /// or a port name as the most active pod has it (`deploy/`, `rs/`, `sts/`, `-l`). Waits for
+    /// a first pod as [`resolve`](Self::resolve) does, not for a ready one.
+    pub async fn resolve_spread(
+        &self,
+        target: &Target,
+        requests: &[PortRequest],
+    ) -> Result<Spreading, ControlError> {
+        Spreading::check_target(target)?;
+        let (selector, service) = self.selector_of(target).await?;
+        let pods = self.wait_for_pods(target, &selector).await?;
+        let first = pods
+            .iter()
+            .max_by_key(|p| activity(p))
+            .expect("waited for one");
+        let specs = requests
+            .iter()
+            .map(|r| match &service {
+                Some(svc) => service_port(r, svc),
+                None => translate_port(r, first, None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Spreading {
+            target: target.clone(),
+            namespace: self.namespace.clone(),
+            selector,
+            service,
+            requests: requests.to_vec(),
+            specs,
+            pods,
+        })
+    }
+
     /// The pod kubectl would pick among those `selector` matches: the most "active" one
-    /// (assigned, running, ready, ready longest, fewest restarts, oldest). While none matches,
-    /// wait for one to appear, up to [`Cluster::pod_running_timeout`], as kubectl does (a
-    /// deployment just applied, a statefulset scaled up from zero).
+    /// (assigned, running, ready, ready longest, fewest restarts, oldest); and how many match.
     async fn pick_pod(
         &self,
         target: &Target,
         selector: &str,
     ) -> Result<(Pod, usize), ControlError> {
+        let pods = self.wait_for_pods(target, selector).await?;
+        let n = pods.len();
+        let pod = pods.into_iter().max_by_key(activity);
+        Ok((pod.expect("waited for one"), n))
+    }
+
+    /// The pods `selector` matches, at least one: while none matches, wait for one to appear,
+    /// up to [`Cluster::pod_running_timeout`], as kubectl does (a deployment just applied, a
+    /// statefulset scaled up from zero).
+    async fn wait_for_pods(
+        &self,
+        target: &Target,
+        selector: &str,
+    ) -> Result<Vec<Pod>, ControlError> {
         let api = Api::<Pod>::namespaced(self.client.clone(), &self.namespace);
         let deadline = tokio::time::Instant::now() + self.pod_running_timeout;
         let mut said = false;
@@ -285,9 +342,8 @@ impl Cluster {
                 .list(&ListParams::default().labels(selector))
                 .await
                 .map_err(|e| self.api_error(e))?;
-            let n = pods.items.len();
-            if let Some(pod) = pods.items.into_iter().max_by_key(activity) {
-                return Ok((pod, n));
+            if !pods.items.is_empty() {
+                return Ok(pods.items);
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
@@ -525,6 +581,48 @@ fn named_container_port(pod: &Pod, name: &str) -> Result<u16, ControlError> {
         })
 }
 
+/// The port of `svc` that `req` names (by number or name), its number, and its targetPort.
+fn find_service_port<'a>(
+    req: &PortRequest,
+    svc: &'a Service,
+) -> Result<(u16, Option<&'a IntOrString>), ControlError> {
+    let svc_name = svc.metadata.name.as_deref().unwrap_or_default();
+    let sp = svc
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .find(|p| match &req.remote {
+            RemotePort::Number(n) => p.port == i32::from(*n),
+            RemotePort::Name(name) => p.name.as_deref() == Some(name),
+        })
+        .ok_or_else(|| {
+            ControlError::Target(format!("service {svc_name} has no port {}", req.remote))
+        })?;
+    Ok((
+        u16::try_from(sp.port).unwrap_or_default(),
+        sp.target_port.as_ref(),
+    ))
+}
+
+fn local_port(req: &PortRequest, same: u16) -> u16 {
+    match req.local {
+        LocalPort::Same => same,
+        LocalPort::Any => 0,
+        LocalPort::Port(p) => p,
+    }
+}
+
+/// `req` as a `--spread` forward of a service listens for it: the local port (the service
+/// port, unless given), and the service port as the remote one (each pod has its own target
+/// port for it).
+fn service_port(req: &PortRequest, svc: &Service) -> Result<PortSpec, ControlError> {
+    let (port, _) = find_service_port(req, svc)?;
+    Ok(PortSpec {
+        local: local_port(req, port),
+        remote: port,
+    })
+}
+
 /// kubectl's translation of one `[LOCAL:]REMOTE` to a local and a container port: a named
 /// remote is a container port of the pod, or for a service, a service port whose targetPort
 /// (a number, or a name looked up on the pod) is the container port. Without a local part, the
@@ -544,22 +642,8 @@ fn translate_port(
         }
         Some(svc) => {
             let svc_name = svc.metadata.name.as_deref().unwrap_or_default();
-            let ports = svc
-                .spec
-                .as_ref()
-                .and_then(|s| s.ports.clone())
-                .unwrap_or_default();
-            let sp = ports
-                .iter()
-                .find(|p| match &req.remote {
-                    RemotePort::Number(n) => p.port == i32::from(*n),
-                    RemotePort::Name(name) => p.name.as_deref() == Some(name),
-                })
-                .ok_or_else(|| {
-                    ControlError::Target(format!("service {svc_name} has no port {}", req.remote))
-                })?;
-            let svc_port = u16::try_from(sp.port).unwrap_or_default();
-            let remote = match &sp.target_port {
+            let (svc_port, target_port) = find_service_port(req, svc)?;
+            let remote = match target_port {
                 None | Some(IntOrString::Int(0)) => svc_port,
                 Some(IntOrString::Int(n)) => u16::try_from(*n).map_err(|_| {
                     ControlError::Target(format!("service {svc_name}: bad targetPort {n}"))
@@ -569,12 +653,10 @@ fn translate_port(
             (remote, svc_port)
         }
     };
-    let local = match req.local {
-        LocalPort::Same => same_local,
-        LocalPort::Any => 0,
-        LocalPort::Port(p) => p,
-    };
-    Ok(PortSpec { local, remote })
+    Ok(PortSpec {
+        local: local_port(req, same_local),
+        remote,
+    })
 }
 
 /// A target resolved to a pod.
@@ -597,6 +679,53 @@ pub struct Follow {
     pub target: Target,
     /// A workload's label selector, in query syntax; `None` for a `pod/` target.
     pub selector: Option<String>,
+}
+
+/// A target resolved for `--spread`: its pods, and how each pod's ports are found.
+#[derive(Debug, Clone)]
+pub struct Spreading {
+    pub target: Target,
+    pub namespace: String,
+    /// The label selector of its pods, in query syntax.
+    pub selector: String,
+    service: Option<Service>,
+    requests: Vec<PortRequest>,
+    /// What the forward listens on: the local port and the remote port as its listeners
+    /// know it, in the order requested.
+    pub specs: Vec<PortSpec>,
+    /// The pods the selector matched when resolved.
+    pub pods: Vec<Pod>,
+}
+
+impl Spreading {
+    /// Whether `target` names several pods, as `--spread` needs.
+    pub fn check_target(target: &Target) -> Result<(), ControlError> {
+        match target.kind {
+            Kind::Pod => Err(ControlError::Target(format!(
+                "--spread needs a target with several pods (svc/, deploy/, rs/, sts/ or -l \
+                 SELECTOR), not {target}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// `pod`'s own port for each of the forward's ports (a named port looked up on it, as
+    /// kubectl does for one pod), as `(forward's port, pod's port)`; and why it has none for
+    /// some, one line each.
+    pub fn ports_on(&self, pod: &Pod) -> (Vec<(u16, u16)>, Vec<String>) {
+        let mut ports = Vec::new();
+        let mut missing = Vec::new();
+        for (req, spec) in self.requests.iter().zip(&self.specs) {
+            match translate_port(req, pod, self.service.as_ref()) {
+                Ok(p) => ports.push((spec.remote, p.remote)),
+                Err(e) => missing.push(format!(
+                    "{e}: connections to port {} go to the other pods",
+                    spec.remote
+                )),
+            }
+        }
+        (ports, missing)
+    }
 }
 
 #[cfg(test)]

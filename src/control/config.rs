@@ -18,6 +18,12 @@
 //! ports = ["5432", "9187:metrics"]
 //!
 //! [[forward]]
+//! name = "web"
+//! target = "svc/web"          # or selector = "app=web" (with spread)
+//! spread = true               # every ready pod, as `--spread`
+//! ports = ["8080:http"]
+//!
+//! [[forward]]
 //! name = "local"
 //! url = "http://127.0.0.1:10350/portforward"   # or runtime_endpoint + sandbox
 //! ports = [":8080"]
@@ -33,7 +39,7 @@ use serde::Deserialize;
 
 use super::cluster::ClusterOptions;
 use super::pool::PoolOptions;
-use super::target::{LocalPort, PortRequest, PortSpec, RemotePort, Target};
+use super::target::{Kind, LocalPort, PortRequest, PortSpec, RemotePort, Target};
 use super::upgrade::Protocol;
 use crate::relay::{self, SessionOptions};
 
@@ -77,8 +83,10 @@ struct RawDefaults {
 #[serde(deny_unknown_fields)]
 struct RawForward {
     name: Option<String>,
-    // A cluster target.
+    // A cluster target: `target`, or `selector` (with `spread`).
     target: Option<String>,
+    selector: Option<String>,
+    spread: Option<bool>,
     kubeconfig: Option<PathBuf>,
     context: Option<String>,
     namespace: Option<String>,
@@ -163,9 +171,11 @@ pub struct Forward {
 /// Where a forward goes: exactly one kind per forward.
 #[derive(Debug, Clone)]
 pub enum ForwardTarget {
-    /// `target = "svc/web"`, through the API server.
+    /// `target = "svc/web"` (or `selector = "app=web"`), through the API server.
     Cluster {
         target: Target,
+        /// `spread = true`: every ready pod of the target, as `--spread`.
+        spread: bool,
         ports: Vec<PortRequest>,
         options: ClusterOptions,
         /// `None`: `auto` (the tunnel, falling back to SPDY/3.1, as the CLI's default).
@@ -590,7 +600,7 @@ fn check_forward(
     p: &mut Problems,
 ) -> Option<(Forward, LocalBinds)> {
     let before = p.out.len();
-    let cluster = f.target.is_some();
+    let cluster = f.target.is_some() || f.selector.is_some();
     let runtime = f.runtime_endpoint.is_some() || f.sandbox.is_some();
     let url = f.url.is_some();
     let kinds: Vec<&str> = [
@@ -617,6 +627,7 @@ fn check_forward(
             (f.context.is_some(), "context"),
             (f.namespace.is_some(), "namespace"),
             (f.pod_running_timeout.is_some(), "pod_running_timeout"),
+            (f.spread.is_some(), "spread"),
         ] {
             if set {
                 p.field(
@@ -765,11 +776,35 @@ fn cluster_target(
     local: &mut LocalBinds,
     p: &mut Problems,
 ) -> Option<ForwardTarget> {
-    let text = f.target.as_deref().unwrap_or_default();
-    let target = text
-        .parse::<Target>()
-        .map_err(|e| p.field("target", e.to_string()))
-        .ok();
+    let spread = f.spread.unwrap_or(false);
+    let target = match (f.target.as_deref(), f.selector.as_deref()) {
+        (Some(_), Some(_)) => {
+            p.forward("target and selector: give one of them");
+            None
+        }
+        (None, Some(sel)) if !spread => {
+            p.field(
+                "selector",
+                "needs spread = true (one pod is target = \"pod/NAME\")",
+            );
+            let _ = sel;
+            None
+        }
+        (None, Some(sel)) => Target::selector(sel)
+            .map_err(|e| p.field("selector", e.to_string()))
+            .ok(),
+        (text, None) => text
+            .unwrap_or_default()
+            .parse::<Target>()
+            .map_err(|e| p.field("target", e.to_string()))
+            .ok(),
+    };
+    if spread && target.as_ref().is_some_and(|t| t.kind == Kind::Pod) {
+        p.field(
+            "spread",
+            "needs a target with several pods: svc/, deploy/, rs/, sts/, or selector",
+        );
+    }
     let protocol = match f.protocol.as_deref() {
         None | Some("auto") => Some(None),
         Some("tunnel") => Some(Some(Protocol::Tunnel)),
@@ -832,6 +867,7 @@ fn cluster_target(
     }
     Some(ForwardTarget::Cluster {
         target: target?,
+        spread,
         ports,
         options,
         protocol: protocol?,
@@ -960,6 +996,7 @@ mod tests {
         assert_eq!(db.name, "db");
         let ForwardTarget::Cluster {
             target,
+            spread,
             ports,
             options,
             protocol,
@@ -968,6 +1005,7 @@ mod tests {
             panic!("{db:?}")
         };
         assert_eq!(target.to_string(), "svc/postgres");
+        assert!(!spread);
         assert_eq!(ports.len(), 3);
         assert_eq!(ports[1].remote, RemotePort::Name("metrics".into()));
         assert_eq!(options.namespace.as_deref(), Some("data"));
@@ -1139,6 +1177,80 @@ mod tests {
             &e,
             &[r#"forward "stray": namespace: only applies to a cluster target"#],
         );
+    }
+
+    /// `spread` and `selector` mirror `--spread` and `-l`.
+    #[test]
+    fn spread_over_a_service_or_a_selector() {
+        let c = parse(
+            r#"
+            [[forward]]
+            name = "web"
+            target = "svc/web"
+            spread = true
+            ports = ["8080:http"]
+            [[forward]]
+            name = "shop"
+            selector = "app=shop,tier!=db"
+            namespace = "shop"
+            spread = true
+            ports = [":80"]
+            "#,
+        )
+        .unwrap();
+        let spreads: Vec<(String, bool)> = c
+            .forwards
+            .iter()
+            .map(|f| match &f.target {
+                ForwardTarget::Cluster { target, spread, .. } => (target.to_string(), *spread),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            spreads,
+            [
+                ("svc/web".to_string(), true),
+                ("-l app=shop,tier!=db".to_string(), true)
+            ]
+        );
+        let e = errors(
+            r#"
+            [[forward]]
+            name = "one"
+            target = "pod/web-0"
+            spread = true
+            ports = [80]
+            [[forward]]
+            name = "unspread"
+            selector = "app=web"
+            ports = [81]
+            [[forward]]
+            name = "both"
+            target = "svc/web"
+            selector = "app=web"
+            spread = true
+            ports = [82]
+            [[forward]]
+            name = "url"
+            url = "http://127.0.0.1:1/"
+            spread = true
+            ports = [83]
+            "#,
+        );
+        has(
+            &e,
+            &[r#"forward "one": spread: needs a target with several pods"#],
+        );
+        has(
+            &e,
+            &[r#"forward "unspread": selector: needs spread = true"#],
+        );
+        has(&e, &[r#"forward "both": target and selector: give one"#]);
+        has(
+            &e,
+            &[r#"forward "url": spread: only applies to a cluster target"#],
+        );
+        assert_eq!(e.len(), 4, "{e:#?}");
     }
 
     #[test]

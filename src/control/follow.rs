@@ -15,9 +15,12 @@
 //!   sandbox with the same pod name and namespace (the newest) replaces the old one.
 //! - Cluster targets are watched, not polled ([`follow_cluster`]); the choice of the new pod
 //!   is [`pick_replacement`].
+//! - A `--spread` forward follows all of its target's pods ([`follow_spread`]): it has no
+//!   [`TargetCell`], it hands every change to its pod set ([`super::spread`]).
 //!
 //! Must not touch sessions or connections itself: that is the forwarder's.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,10 +29,11 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use tokio::sync::{Notify, watch};
 
-use super::cluster::{Cluster, Follow, activity, pod_ready};
+use super::cluster::{Cluster, Follow, Spreading, activity, pod_ready};
 use super::cri::{CriClient, CriError, PodSandbox, SandboxState};
 use super::reconnect;
-use super::target::Kind;
+use super::spread::{PodView, Route, Spread};
+use super::target::{Kind, Target};
 use crate::metrics::{ForwardMetrics, TargetChange};
 
 /// How often a runtime target's sandbox is checked while it is ready.
@@ -252,27 +256,13 @@ pub async fn follow_cluster(cluster: Cluster, follow: Follow, cell: TargetCell) 
         Kind::Pod => format!("pod {} to be Running again", follow.target.name),
         _ => format!("a ready pod of {}", follow.target),
     };
-    let mut failures = 0u32;
-    // One failure more: say so (once per streak), then wait before trying again.
-    let failed = |failures: &mut u32, what: &str, e: kube::Error| {
-        *failures = failures.saturating_add(1);
-        let e = cluster.api_error(e);
-        if *failures == 1 {
-            tracing::warn!(
-                "cannot follow the pods of {} ({what}): {e}; trying again",
-                follow.target
-            );
-        } else {
-            tracing::debug!("following the pods of {} ({what}): {e}", follow.target);
-        }
-        tokio::time::sleep(reconnect::delay(*failures, reconnect::draw()))
-    };
+    let mut failures = Failures::new(&cluster, &follow.target);
     loop {
         let state = cell.current();
         let pods = match api.list(&lp).await {
             Ok(pods) => pods,
             Err(e) => {
-                failed(&mut failures, "list", e).await;
+                failures.one_more("list", e).await;
                 continue;
             }
         };
@@ -322,10 +312,119 @@ pub async fn follow_cluster(cluster: Cluster, follow: Follow, cell: TargetCell) 
             Ok::<(), kube::Error>(())
         };
         match changed.await {
-            Ok(()) => failures = 0,
+            Ok(()) => failures.none(),
+            Err(e) => failures.one_more("watch", e).await,
+        }
+    }
+}
+
+/// The API calls of a follower that failed in a row: the first of a streak is a warning, the
+/// others are debug lines; each waits the session backoff ([`reconnect`]) before the next try.
+struct Failures<'a> {
+    cluster: &'a Cluster,
+    target: &'a Target,
+    streak: u32,
+}
+
+impl<'a> Failures<'a> {
+    fn new(cluster: &'a Cluster, target: &'a Target) -> Self {
+        Failures {
+            cluster,
+            target,
+            streak: 0,
+        }
+    }
+
+    /// `call` (`list`, `watch`) failed with `e`: say so, then wait.
+    async fn one_more(&mut self, call: &str, e: kube::Error) {
+        self.streak = self.streak.saturating_add(1);
+        let e = self.cluster.api_error(e);
+        if self.streak == 1 {
+            tracing::warn!(
+                "cannot follow the pods of {} ({call}): {e}; trying again",
+                self.target
+            );
+        } else {
+            tracing::debug!("following the pods of {} ({call}): {e}", self.target);
+        }
+        tokio::time::sleep(reconnect::delay(self.streak, reconnect::draw())).await;
+    }
+
+    fn none(&mut self) {
+        self.streak = 0;
+    }
+}
+
+/// `pod` as a `--spread` forward's pod set takes it ([`Spread::update`]): lost or running,
+/// ready or not, and its own port for each of the forward's ports.
+pub fn pod_view(spreading: &Spreading, pod: &Pod) -> PodView {
+    let (ports, missing) = spreading.ports_on(pod);
+    let lost = pod_loss(pod);
+    PodView {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        ready: lost.is_none() && pod_ready(pod),
+        lost,
+        ports,
+        missing,
+    }
+}
+
+/// Follow the pods of a `--spread` forward while it runs, handing every change to `spread`
+/// ([`super::spread`] says what each means). Watched, not polled: a list, then the watch from
+/// its version, each event applied to the pods as listed (a pod's readiness shows as soon as
+/// the API server has it); when the watch ends (the server's timeout) or reports an error
+/// (410 Gone), list again. Failed API calls are retried with the session backoff. Runs until
+/// aborted.
+pub async fn follow_spread<R: Route>(
+    cluster: Cluster,
+    spreading: Spreading,
+    spread: Arc<Spread<R>>,
+) {
+    let api = Api::<Pod>::namespaced(cluster.client.clone(), &cluster.namespace);
+    let lp = ListParams::default().labels(&spreading.selector);
+    // The server closes a watch after its timeout; the API caps it below 295 s.
+    let wp = WatchParams::default()
+        .labels(&spreading.selector)
+        .timeout(290);
+    let mut failures = Failures::new(&cluster, &spreading.target);
+    let views = |pods: &BTreeMap<String, Pod>| -> Vec<PodView> {
+        pods.values().map(|p| pod_view(&spreading, p)).collect()
+    };
+    let name = |p: &Pod| p.metadata.name.clone().unwrap_or_default();
+    loop {
+        let list = match api.list(&lp).await {
+            Ok(list) => list,
             Err(e) => {
-                failed(&mut failures, "watch", e).await;
+                failures.one_more("list", e).await;
+                continue;
             }
+        };
+        let rv = list.metadata.resource_version.clone().unwrap_or_default();
+        let mut pods: BTreeMap<String, Pod> =
+            list.items.into_iter().map(|p| (name(&p), p)).collect();
+        spread.update(&views(&pods));
+        let watched = async {
+            let events = api.watch(&wp, &rv).await?;
+            let mut events = std::pin::pin!(events);
+            while let Some(ev) = events.try_next().await? {
+                match ev {
+                    WatchEvent::Added(p) | WatchEvent::Modified(p) => {
+                        pods.insert(name(&p), p);
+                    }
+                    WatchEvent::Deleted(p) => {
+                        pods.remove(&name(&p));
+                    }
+                    WatchEvent::Bookmark(_) => continue,
+                    // 410 Gone and the like: list again.
+                    WatchEvent::Error(_) => break,
+                }
+                spread.update(&views(&pods));
+            }
+            Ok::<(), kube::Error>(())
+        };
+        match watched.await {
+            Ok(()) => failures.none(),
+            Err(e) => failures.one_more("watch", e).await,
         }
     }
 }

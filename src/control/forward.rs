@@ -13,6 +13,11 @@
 //! connections wait for its replacement (within `--connect-timeout`), and when it goes, every
 //! open connection is reset (never ended cleanly: what it carried may be cut short) and the
 //! sessions to it are retired.
+//!
+//! A `--spread` forward ([`Upstream::Pods`]) first picks the pod of each new connection
+//! ([`super::spread`]), then goes on as above with that pod's route: a connector and a pool of
+//! its own, so that each pod has its own sessions. With no ready pod the connection is reset at
+//! once.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,10 +30,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore, watch};
 
 use super::ControlError;
-use super::cluster::{Cluster, Follow};
+use super::cluster::{Cluster, Follow, Spreading};
 use super::cri::CriClient;
 use super::follow::{TargetCell, TargetState};
 use super::pool::{Pool, PoolOptions, SessionFactory};
+use super::spread::{Lease, NoPod, Route, RouteFactory, Spread, Tracked};
 use super::upgrade::{Protocol, Upgraded, upgrade};
 // Forwarder::new and bind take it: reachable from here too.
 pub use super::target::PortSpec;
@@ -50,11 +56,18 @@ pub enum Upstream {
     /// may hold a token in its path: `Debug` shows it redacted, and so must anything else.
     Url(String),
     /// A pod's `portforward` subresource on the API server. With `follow`, a pod that goes
-    /// away is replaced as [`super::follow::follow_cluster`] says; without, the forward stays with `pod`.
+    /// away is replaced as [`super::follow::follow_cluster`] says; without, the forward stays
+    /// with `pod`.
     Api {
         cluster: Cluster,
         pod: String,
         follow: Option<Follow>,
+    },
+    /// `--spread`: the ready pods of a target, each connection to one of them
+    /// ([`super::spread`]), followed as [`super::follow::follow_spread`] says.
+    Pods {
+        cluster: Cluster,
+        spreading: Box<Spreading>,
     },
 }
 
@@ -76,6 +89,12 @@ impl fmt::Debug for Upstream {
                 .field("cluster", cluster)
                 .field("pod", pod)
                 .field("follow", follow)
+                .finish(),
+            Upstream::Pods { cluster, spreading } => f
+                .debug_struct("Pods")
+                .field("cluster", cluster)
+                .field("target", &spreading.target)
+                .field("selector", &spreading.selector)
                 .finish(),
         }
     }
@@ -114,17 +133,77 @@ struct Connector {
     cfg: ForwardConfig,
     cri: Option<Mutex<CriClient>>,
     remote_ports: Vec<u16>,
-    /// The protocol in use: the configured one, or SPDY after a fallback.
-    protocol: std::sync::Mutex<Protocol>,
-    sessions_started: AtomicU64,
+    /// The protocol in use: the configured one, or SPDY after a fallback (shared by the
+    /// connectors of a `--spread` forward's pods: one fallback is enough).
+    protocol: Arc<std::sync::Mutex<Protocol>>,
+    sessions_started: Arc<AtomicU64>,
     /// The pod (sandbox) sessions go to now, for a target that follows its pod.
     target: Option<TargetCell>,
 }
 
+/// The way to one pod of a `--spread` forward: a connector for it, and its own session pool
+/// (multiplexed protocols).
+pub struct PodRoute {
+    connector: Arc<Connector>,
+    pool: Option<Pool>,
+}
+
+impl PodRoute {
+    /// The route to `pod` (of the forward `main` sets sessions up for), whose ports are
+    /// `ports`; with `warm`, its pool starts setting sessions up now.
+    fn new(main: &Connector, pod: &str, ports: &[u16], warm: bool) -> PodRoute {
+        let Upstream::Pods { cluster, .. } = &main.cfg.upstream else {
+            unreachable!("pod routes belong to a --spread forward");
+        };
+        let cfg = ForwardConfig {
+            upstream: Upstream::Api {
+                cluster: cluster.clone(),
+                pod: pod.to_string(),
+                follow: None,
+            },
+            protocol: main.cfg.protocol,
+            fallback_to_spdy: main.cfg.fallback_to_spdy,
+            addresses: main.cfg.addresses.clone(),
+            bearer: None,
+            session: main.cfg.session.clone(),
+            pool: main.cfg.pool,
+            metrics: main.cfg.metrics.clone(),
+        };
+        let connector = Arc::new(Connector {
+            cfg,
+            cri: None,
+            remote_ports: ports.to_vec(),
+            protocol: main.protocol.clone(),
+            sessions_started: main.sessions_started.clone(),
+            target: None,
+        });
+        let pool = connector.protocol().multiplexed().then(|| {
+            let c = connector.clone();
+            let make: SessionFactory = Arc::new(move || Box::pin(c.clone().new_session()));
+            Pool::new(connector.cfg.pool, make)
+        });
+        if let (Some(p), true) = (&pool, warm) {
+            p.warm_up();
+        }
+        PodRoute { connector, pool }
+    }
+}
+
+impl Route for PodRoute {
+    fn close(&self, why: &str) {
+        if let Some(p) = &self.pool {
+            p.close(why);
+        }
+    }
+}
+
 pub struct Forwarder {
     connector: Arc<Connector>,
-    /// Multiplexed protocols only; WebSocket v4 sets a session up per connection.
+    /// Multiplexed protocols only; WebSocket v4 sets a session up per connection. `None` for
+    /// `--spread`, whose pods have a pool each.
     pool: Option<Pool>,
+    /// `--spread`: the target's pods.
+    spread: Option<Arc<Spread<PodRoute>>>,
     sessions_retired: AtomicU64,
     stalls: watch::Receiver<usize>,
     /// One permit per open connection (`--max-connections`).
@@ -151,6 +230,25 @@ impl Drop for Forwarder {
 /// A connection in [`Forwarder::open`] for as long as it is relayed.
 struct OpenGuard<'a>(&'a Forwarder, u64);
 
+/// A relayed connection in the list it is reset from when its pod goes away: the forward's
+/// own, or its pod's (`--spread`). Held for its `Drop`.
+struct Open<'a> {
+    _forward: Option<OpenGuard<'a>>,
+    _pod: Option<Tracked<'a, PodRoute>>,
+}
+
+/// Where a connection goes, for log lines: `port 80`, or `pod web-a port 8080` (`--spread`).
+struct To<'a>(Option<&'a Lease<PodRoute>>, u16);
+
+impl fmt::Display for To<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(l) => write!(f, "pod {} port {}", l.pod().name, l.port),
+            None => write!(f, "port {}", self.1),
+        }
+    }
+}
+
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
         self.0.open_conns().remove(&self.1);
@@ -170,7 +268,9 @@ impl Connector {
         pod: &str,
     ) -> Result<Upgraded, ControlError> {
         match &self.cfg.upstream {
-            Upstream::Api { cluster, .. } => cluster.upgrade(pod, protocol, ports).await,
+            Upstream::Api { cluster, .. } | Upstream::Pods { cluster, .. } => {
+                cluster.upgrade(pod, protocol, ports).await
+            }
             Upstream::Url(_) => {
                 let url = self.url(ports, pod).await?;
                 upgrade(&url, protocol, ports, self.cfg.bearer.as_ref()).await
@@ -190,6 +290,8 @@ impl Connector {
             (None, Upstream::Cri { sandbox, .. }) => (sandbox.clone(), 0),
             (None, Upstream::Api { pod, .. }) => (pod.clone(), 0),
             (None, Upstream::Url(_)) => (String::new(), 0),
+            // Its pods' connectors are `Api` ones, each with its pod.
+            (None, Upstream::Pods { .. }) => unreachable!("a --spread forward's own connector"),
         }
     }
 
@@ -221,7 +323,9 @@ impl Connector {
                 let cri = self.cri.as_ref().expect("CRI upstream has a client");
                 Ok(cri.lock().await.port_forward(sandbox, ports).await?)
             }
-            Upstream::Api { .. } => unreachable!("the API server has no stream-server URL"),
+            Upstream::Api { .. } | Upstream::Pods { .. } => {
+                unreachable!("the API server has no stream-server URL")
+            }
         }
     }
 
@@ -333,7 +437,7 @@ impl Forwarder {
                 )));
                 (None, Some(cell))
             }
-            Upstream::Url(_) | Upstream::Api { .. } => (None, None),
+            Upstream::Url(_) | Upstream::Api { .. } | Upstream::Pods { .. } => (None, None),
         };
         let mut remote_ports: Vec<u16> = specs.iter().map(|s| s.remote).collect();
         remote_ports.sort_unstable();
@@ -341,14 +445,27 @@ impl Forwarder {
         let (stalls_tx, stalls) = watch::channel(0);
         cfg.session.stalls = Some(Arc::new(stalls_tx));
         let connector = Arc::new(Connector {
-            protocol: std::sync::Mutex::new(cfg.protocol),
+            protocol: Arc::new(std::sync::Mutex::new(cfg.protocol)),
             cfg,
             cri,
             remote_ports,
-            sessions_started: AtomicU64::new(0),
+            sessions_started: Arc::new(AtomicU64::new(0)),
             target,
         });
-        let pool = connector.protocol().multiplexed().then(|| {
+        let spread = match &connector.cfg.upstream {
+            Upstream::Pods { cluster, spreading } => {
+                let spread = Self::spread(&connector, spreading).await?;
+                follower = Some(Box::pin(super::follow::follow_spread(
+                    cluster.clone(),
+                    (**spreading).clone(),
+                    spread.clone(),
+                )));
+                Some(spread)
+            }
+            _ => None,
+        };
+        let pool = spread.is_none() && connector.protocol().multiplexed();
+        let pool = pool.then(|| {
             let c = connector.clone();
             let make: SessionFactory = Arc::new(move || Box::pin(c.clone().new_session()));
             Pool::new(connector.cfg.pool, make)
@@ -357,8 +474,12 @@ impl Forwarder {
             Some(pool) => pool.start().await?,
             // Each WebSocket connection gets its own session, and an upgrade already dials the
             // target: only check that the runtime answers. (The API server was asked for the
-            // pod when the target was resolved.)
-            None if !matches!(connector.cfg.upstream, Upstream::Api { .. }) => {
+            // pod when the target was resolved; a --spread forward's pods were started above.)
+            None if !matches!(
+                connector.cfg.upstream,
+                Upstream::Api { .. } | Upstream::Pods { .. }
+            ) =>
+            {
                 let (sandbox, _) = connector.target().await;
                 connector.url(&connector.remote_ports, &sandbox).await?;
             }
@@ -378,6 +499,7 @@ impl Forwarder {
             Forwarder {
                 connector,
                 pool,
+                spread,
                 sessions_retired: AtomicU64::new(0),
                 stalls,
                 open: Default::default(),
@@ -387,6 +509,61 @@ impl Forwarder {
                 tasks,
             }
         }))
+    }
+
+    /// The pod set of a `--spread` forward (its connector is `main`), seeded with the pods the
+    /// target had when resolved; the first session of each ready pod is set up now, so that a
+    /// target that cannot work at all (a refused port-forward) fails here, with its error.
+    /// Pods that fail while others work are logged and go on trying.
+    async fn spread(
+        main: &Arc<Connector>,
+        spreading: &Spreading,
+    ) -> Result<Arc<Spread<PodRoute>>, ControlError> {
+        // Pods added later start warming their pool at once; the first ones start below.
+        let seeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let make: RouteFactory<PodRoute> = {
+            let (main, seeded) = (main.clone(), seeded.clone());
+            Box::new(move |pod, ports| {
+                PodRoute::new(&main, pod, ports, seeded.load(Ordering::Relaxed))
+            })
+        };
+        let spread = Arc::new(Spread::new(
+            &spreading.target.to_string(),
+            main.cfg.metrics.clone(),
+            make,
+        ));
+        let views: Vec<_> = spreading
+            .pods
+            .iter()
+            .map(|p| super::follow::pod_view(spreading, p))
+            .collect();
+        spread.seed(&views);
+        seeded.store(true, Ordering::Relaxed);
+        let pods = spread.pods();
+        let started = futures_util::future::join_all(pods.iter().map(|p| async move {
+            match &p.route.pool {
+                Some(pool) => pool.start().await,
+                None => Ok(()),
+            }
+        }))
+        .await;
+        if !pods.is_empty() && started.iter().all(Result::is_err) {
+            let first = started.into_iter().find_map(Result::err);
+            return Err(first.expect("one failed"));
+        }
+        for (pod, r) in pods.iter().zip(started) {
+            if let (Err(e), Some(pool)) = (r, &pod.route.pool) {
+                tracing::warn!("pod {}: cannot set up a session: {e}", pod.name);
+                // Keep trying in the background (with the pool's backoff).
+                pool.warm_up();
+            }
+        }
+        Ok(spread)
+    }
+
+    /// A `--spread` forward's ready pods now, in name order (`None` for other forwards).
+    pub fn ready_pods(&self) -> Option<Vec<String>> {
+        self.spread.as_ref().map(|s| s.ready())
     }
 
     /// Each time the pod goes away: reset every open connection (what it carried may be cut
@@ -454,9 +631,20 @@ impl Forwarder {
         self.sessions_retired.load(Ordering::Relaxed)
     }
 
-    /// The pooled sessions taking new connections (none for WebSocket v4).
+    /// The pooled sessions taking new connections (none for WebSocket v4), of every pod for
+    /// `--spread`.
     pub fn sessions(&self) -> Vec<Session> {
-        self.pool.as_ref().map(Pool::sessions).unwrap_or_default()
+        let mut out = self.pool.as_ref().map(Pool::sessions).unwrap_or_default();
+        for pod in self.spread.iter().flat_map(|s| s.pods()) {
+            out.extend(
+                pod.route
+                    .pool
+                    .as_ref()
+                    .map(Pool::sessions)
+                    .unwrap_or_default(),
+            );
+        }
+        out
     }
 
     /// How many of this forward's sessions are stalled right now: their reader waits for a
@@ -574,18 +762,38 @@ impl Forwarder {
             }
         };
         let stream = self.connector.cfg.metrics.accept(Some(peer), remote);
+        // A --spread forward picks the pod first: its route, and its own port.
+        let pod = match &self.spread {
+            None => None,
+            Some(spread) => match spread.pick(remote) {
+                Ok(lease) => {
+                    stream.set_pod(lease.pod().metrics());
+                    Some(lease)
+                }
+                Err(e) => return self.no_pod(tcp, peer, remote, stream, e),
+            },
+        };
+        let (connector, pool, port) = match &pod {
+            Some(l) => (
+                &l.pod().route.connector,
+                l.pod().route.pool.as_ref(),
+                l.port,
+            ),
+            None => (&self.connector, self.pool.as_ref(), remote),
+        };
+        let to = To(pod.as_ref(), remote);
         let timeout = self.connector.cfg.pool.connect_timeout;
         // While the pod is gone, a new connection waits here for the next one (and its
         // session), all within `--connect-timeout`.
         // Waiting for a session is boxed: inline, its state (the pool's checkout, a session
         // setup) would make this future, which every open connection keeps for its whole
         // life, about 1 KiB larger than relaying needs.
-        let (session, outcome) = match &self.pool {
+        let (session, outcome) = match pool {
             Some(pool) => match Box::pin(async {
                 tokio::select! {
                     r = tokio::time::timeout(timeout, async {
                         let generation = self.ready_generation().await;
-                        pool.checkout(remote).await.map(|c| (c, generation))
+                        pool.checkout(port).await.map(|c| (c, generation))
                     }) => r.unwrap_or(Err(ControlError::SetupTimeout(timeout))),
                     () = cut => Err(ControlError::ShuttingDown),
                 }
@@ -594,7 +802,7 @@ impl Forwarder {
             {
                 Ok(((lease, conn, inbound), generation)) => {
                     let s = lease.session().clone();
-                    let _open = self.track(&s, conn, generation);
+                    let _open = self.track(pod.as_ref(), &s, conn, generation);
                     let outcome = relay_opened_conn(&s, tcp, conn, inbound, lease, stream).await;
                     (s, outcome)
                 }
@@ -606,27 +814,24 @@ impl Forwarder {
                 Err(e @ ControlError::StreamLimit { .. }) => {
                     crate::relay::backend::reset_on_close(&tcp);
                     if let Some(n) = self.refusals.count(Instant::now()) {
-                        tracing::warn!(
-                            "connection from {peer} to port {remote} reset: {e}{}",
-                            also(n)
-                        );
+                        tracing::warn!("connection from {peer} to {to} reset: {e}{}", also(n));
                     }
                     return ConnOutcome::SessionLost(e.to_string());
                 }
-                Err(e) => return self.no_session(tcp, peer, remote, e.to_string()),
+                Err(e) => return self.no_session(tcp, peer, &to, e.to_string()),
             },
             None => {
                 // One session per connection, the connection open before the server can
                 // answer.
                 let prepared = Box::pin(tokio::time::timeout(
                     timeout,
-                    self.connector.prepare_session(&[remote]),
+                    connector.prepare_session(&[port]),
                 ))
                 .await
                 .unwrap_or(Err(ControlError::SetupTimeout(timeout)));
                 let started = match prepared {
                     Ok((up, proto, opts, generation)) => {
-                        Session::start_with_conn(up.io, up.prefix, proto, opts, remote)
+                        Session::start_with_conn(up.io, up.prefix, proto, opts, port)
                             .map(|s| (s, generation))
                             .map_err(|e| e.to_string())
                     }
@@ -634,43 +839,44 @@ impl Forwarder {
                 };
                 match started {
                     Ok(((s, conn, inbound), generation)) => {
-                        let open = self.track(&s, conn, generation);
+                        let open = self.track(pod.as_ref(), &s, conn, generation);
                         let outcome = relay_opened_conn(&s, tcp, conn, inbound, (), stream).await;
                         drop(open);
                         s.close();
                         (s, outcome)
                     }
-                    Err(e) => return self.no_session(tcp, peer, remote, e),
+                    Err(e) => return self.no_session(tcp, peer, &to, e),
                 }
             }
         };
         match &outcome {
             ConnOutcome::Clean { .. } => {
-                tracing::debug!("connection from {peer} to port {remote}: {outcome}")
+                tracing::debug!("connection from {peer} to {to}: {outcome}")
             }
             ConnOutcome::RemoteError { sent, .. } => {
-                tracing::warn!(
-                    "connection from {peer} to port {remote} failed, reset it: {outcome}"
-                );
+                tracing::warn!("connection from {peer} to {to} failed, reset it: {outcome}");
                 // The relay retired the session already if this can have wedged it (see
                 // relay::conn); count it.
-                if *sent > 0 && !session.forward_half_close() && self.pool.is_some() {
+                if *sent > 0 && !session.forward_half_close() && pool.is_some() {
                     self.sessions_retired.fetch_add(1, Ordering::Relaxed);
                 }
             }
             // Counted in the one line the shutdown ends with.
             ConnOutcome::Shutdown => {
-                tracing::debug!("connection from {peer} to port {remote} reset: {outcome}")
+                tracing::debug!("connection from {peer} to {to} reset: {outcome}")
             }
-            _ => tracing::warn!("connection from {peer} to port {remote} reset: {outcome}"),
+            _ => tracing::warn!("connection from {peer} to {to} reset: {outcome}"),
         }
-        if matches!(
+        let pod_failed = matches!(
             outcome,
             ConnOutcome::RemoteError { .. } | ConnOutcome::SessionLost(_)
-        ) && let Some(cell) = &self.connector.target
-        {
+        );
+        if pod_failed && let Some(cell) = &self.connector.target {
             // A pod that went away fails connections first: have it checked now.
             cell.suspect();
+        }
+        if let Some(lease) = &pod {
+            lease.ended(pod_failed || matches!(outcome, ConnOutcome::Upstream(_)));
         }
         outcome
     }
@@ -684,8 +890,21 @@ impl Forwarder {
     }
 
     /// Count `conn` among the open connections while the guard lives, so that it is reset
-    /// when its pod goes away; if that happened since `generation`, reset it now.
-    fn track(&self, session: &Session, conn: ConnId, generation: u64) -> OpenGuard<'_> {
+    /// when its pod goes away; if that happened since `generation` (or since its pod was
+    /// picked, `--spread`), reset it now.
+    fn track<'a>(
+        &'a self,
+        pod: Option<&'a Lease<PodRoute>>,
+        session: &Session,
+        conn: ConnId,
+        generation: u64,
+    ) -> Open<'a> {
+        if let Some(lease) = pod {
+            return Open {
+                _forward: None,
+                _pod: Some(lease.track(session, conn)),
+            };
+        }
         let id = self.next_open.fetch_add(1, Ordering::Relaxed);
         self.open_conns().insert(id, (session.clone(), conn));
         if let Some(cell) = &self.connector.target
@@ -693,18 +912,44 @@ impl Forwarder {
         {
             session.reset(conn);
         }
-        OpenGuard(self, id)
+        Open {
+            _forward: Some(OpenGuard(self, id)),
+            _pod: None,
+        }
     }
 
-    fn no_session(&self, tcp: LocalConn, peer: SocketAddr, remote: u16, e: String) -> ConnOutcome {
+    fn no_session(&self, tcp: LocalConn, peer: SocketAddr, to: &To, e: String) -> ConnOutcome {
         if let Some(cell) = &self.connector.target {
             cell.suspect();
         }
-        tracing::error!(
-            "connection from {peer} to port {remote}: cannot open upstream session: {e}"
-        );
+        if let Some(lease) = to.0 {
+            lease.ended(true);
+        }
+        tracing::error!("connection from {peer} to {to}: cannot open upstream session: {e}");
         crate::relay::backend::reset_on_close(&tcp);
         ConnOutcome::SessionLost(e)
+    }
+
+    /// A `--spread` forward has no pod for a new connection: reset it now, and say why (at
+    /// most once per [`crate::relay::LOG_EVERY`]).
+    fn no_pod(
+        &self,
+        tcp: LocalConn,
+        peer: SocketAddr,
+        remote: u16,
+        stream: crate::metrics::Stream,
+        e: NoPod,
+    ) -> ConnOutcome {
+        crate::relay::backend::reset_on_close(&tcp);
+        drop(tcp);
+        if let Some(n) = self.refusals.count(Instant::now()) {
+            tracing::warn!(
+                "connection from {peer} to port {remote} reset: {e}{}",
+                also(n)
+            );
+        }
+        stream.finish(Outcome::SessionLost, &e);
+        ConnOutcome::SessionLost(e.to_string())
     }
 }
 

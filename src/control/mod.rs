@@ -3,9 +3,10 @@
 //! Owns what a user names (targets and ports, [`target`]), cluster access through the API
 //! server ([`cluster`]), the CRI client ([`cri`]), the HTTP upgrade to SPDY/3.1 or WebSocket
 //! ([`upgrade`]), following the pod (or pods) a forward goes to as they come and go
-//! ([`follow`]), the forwarder ([`forward`]): local listeners and the session pool
-//! ([`pool`]): which session a new connection goes to, and when to set one up; and the
-//! `ringfwd up` file ([`config`]): its schema, parsing and validation. It never copies payload bytes: that is [`crate::relay`].
+//! ([`follow`]), the forwarder ([`forward`]): local listeners, which pod a new connection goes
+//! to with `--spread` ([`spread`]) and the session pool ([`pool`]): which session it goes to,
+//! and when to set one up; and the `ringfwd up` file ([`config`]): its schema, parsing and
+//! validation. It never copies payload bytes: that is [`crate::relay`].
 
 pub mod cluster;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod follow;
 pub mod forward;
 pub mod pool;
 pub mod reconnect;
+pub mod spread;
 pub mod target;
 pub mod upgrade;
 

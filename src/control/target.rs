@@ -61,13 +61,28 @@ pub enum Kind {
     Deployment,
     ReplicaSet,
     StatefulSet,
+    /// `-l SELECTOR`: the pods a label selector matches (the target's name is the selector).
+    Selector,
 }
 
-/// `TYPE/NAME` or `NAME` (a pod), as kubectl takes it.
+/// `TYPE/NAME` or `NAME` (a pod), as kubectl takes it; or `-l SELECTOR` ([`Target::selector`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub kind: Kind,
     pub name: String,
+}
+
+impl Target {
+    /// The pods `selector` (label selector query syntax, `app=web,tier!=db`) matches.
+    pub fn selector(selector: &str) -> Result<Target, ControlError> {
+        if selector.trim().is_empty() {
+            return Err(ControlError::Target("-l: an empty label selector".into()));
+        }
+        Ok(Target {
+            kind: Kind::Selector,
+            name: selector.trim().to_string(),
+        })
+    }
 }
 
 impl FromStr for Target {
@@ -109,6 +124,7 @@ impl fmt::Display for Target {
             Kind::Deployment => "deploy",
             Kind::ReplicaSet => "rs",
             Kind::StatefulSet => "sts",
+            Kind::Selector => return write!(f, "-l {}", self.name),
         };
         write!(f, "{ty}/{}", self.name)
     }
@@ -214,6 +230,16 @@ mod tests {
                 .contains("unsupported type")
         );
         assert!(p("svc/").is_err());
+        let l = Target::selector(" app=web,tier!=db ").unwrap();
+        assert_eq!(
+            (l.kind, l.to_string()),
+            (Kind::Selector, "-l app=web,tier!=db".into())
+        );
+        assert!(Target::selector("").is_err());
+        assert_eq!(
+            "deploy/api".parse::<Target>().unwrap().to_string(),
+            "deploy/api"
+        );
     }
 
     #[test]
