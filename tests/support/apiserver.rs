@@ -558,6 +558,36 @@ impl ApiServer {
         store.put(pod_json(&def, &ip))
     }
 
+    /// Sets an existing pod's readiness (its `Ready` and `ContainersReady` conditions and its
+    /// container's `ready`), as the kubelet does when a readiness probe changes its mind;
+    /// watchers see `MODIFIED`.
+    pub fn set_pod_ready(&self, namespace: &str, pod: &str, ready: bool) {
+        let mut store = self.state.store();
+        let mut obj = store
+            .get(PODS, namespace, pod)
+            .unwrap_or_else(|| panic!("no pod {namespace}/{pod}"))
+            .clone();
+        let status = if ready { "True" } else { "False" };
+        for c in obj["status"]["conditions"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+        {
+            if c["type"] == "Ready" || c["type"] == "ContainersReady" {
+                c["status"] = json!(status);
+                c["lastTransitionTime"] = json!(now_rfc3339());
+            }
+        }
+        for c in obj["status"]["containerStatuses"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+        {
+            c["ready"] = json!(ready);
+        }
+        store.put(obj);
+    }
+
     /// Points an existing pod at another backend.
     pub fn set_backend(&self, namespace: &str, pod: &str, backend: Backend) {
         self.state
