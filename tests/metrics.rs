@@ -3,7 +3,9 @@
 //! real `promtool`.
 //!
 //! - every panel query of `dashboards/ringfwd.json` (variables substituted) returns data from
-//!   Prometheus after transfers, a slow reader, a refused port and a cut session;
+//!   Prometheus after transfers, a slow reader, a refused port and a cut session; the per-pod
+//!   row's for a `--spread` forward through the test API server (`support/apiserver.rs`) over
+//!   two pods, one of which refuses;
 //! - the exposition passes `promtool check metrics`; `dashboards/alerts.yml` passes
 //!   `promtool check rules` (and loads into the running Prometheus) and `promtool test rules`;
 //! - the dashboard, the rules and the README name only metrics the binary exports;
@@ -13,6 +15,9 @@
 //! Without Prometheus installed the Prometheus-backed tests print `SKIPPED` loudly; with `CI` set
 //! they fail instead (`.ci/run` installs it).
 
+#[path = "support/apiserver.rs"]
+#[allow(dead_code)]
+mod apiserver;
 #[path = "support/procs.rs"]
 #[allow(dead_code)]
 mod procs;
@@ -345,12 +350,77 @@ impl Rig {
     }
 }
 
+/// A `--spread` forward of `svc/web :80` through the test API server, over pods `web-a` (an
+/// echo target) and `web-b` (its port refuses), both behind an in-process `ringfwd serve`:
+/// traffic for every per-pod series, without containerd.
+struct SpreadRig {
+    _api: apiserver::ApiServer,
+    forward: PortForward,
+    metrics: String,
+    /// The forward's `forward` label.
+    name: String,
+}
+
+impl SpreadRig {
+    fn start() -> SpreadRig {
+        use apiserver::{ApiServer, Auth, IntOrString, PodDef, ServicePortDef};
+        let api = ApiServer::start();
+        let backend = api.serve_backend();
+        for (pod, port) in [("web-a", procs::echo_server()), ("web-b", closed_port())] {
+            api.add_pod(
+                PodDef::new(pod, backend.clone())
+                    .label("app", "web")
+                    .port(Some("echo"), port),
+            );
+        }
+        let http = ServicePortDef::new(Some("http"), 80, IntOrString::Str("echo".into()));
+        api.add_service("web", "default", &[("app", "web")], vec![http]);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--kubeconfig")
+            .arg(api.kubeconfig(Auth::Token))
+            .args([
+                "svc/web",
+                ":80",
+                "--spread",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .env_remove("KUBECONFIG")
+            .env("RUST_LOG", "off");
+        let forward = PortForward::start(cmd).expect("ringfwd svc/web --spread starts");
+        let metrics = forward
+            .stdout()
+            .lines()
+            .find_map(|l| l.strip_prefix("Metrics on http://"))
+            .and_then(|l| l.strip_suffix("/metrics"))
+            .expect("forward prints its metrics address before Forwarding")
+            .to_string();
+        SpreadRig {
+            _api: api,
+            forward,
+            metrics,
+            name: "svc/web".into(),
+        }
+    }
+
+    /// Connections to both pods: echoes through `web-a`, resets from `web-b`.
+    fn exercise(&self) {
+        let mut answered = 0;
+        for _ in 0..10 {
+            if procs::echo_roundtrip(self.forward.local, 64 << 10).is_ok() {
+                answered += 1;
+            }
+        }
+        assert!(answered > 0, "no connection through web-a worked");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Prometheus
 // ---------------------------------------------------------------------------------------------
 
-/// A Prometheus on a free loopback port, scraping `target` every second, with the alert rules
-/// loaded; killed on drop.
+/// A Prometheus on a free loopback port, scraping its targets every second, with the alert
+/// rules loaded; killed on drop.
 struct Prometheus {
     _child: KillOnDrop,
     addr: String,
@@ -388,9 +458,13 @@ fn scrape_counter(target: &str, scrapes: Events) -> String {
 }
 
 impl Prometheus {
-    fn start(bin: &Path, target: &str) -> Prometheus {
+    fn start(bin: &Path, targets: &[&str]) -> Prometheus {
         let scrapes = Events::default();
-        let target = scrape_counter(target, scrapes.clone());
+        let targets: Vec<String> = targets
+            .iter()
+            .map(|t| format!("'{}'", scrape_counter(t, scrapes.clone())))
+            .collect();
+        let targets = targets.join(", ");
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
@@ -398,7 +472,7 @@ impl Prometheus {
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
                  rule_files:\n  - {ROOT}/dashboards/alerts.yml\n\
-                 scrape_configs:\n  - job_name: ringfwd\n    static_configs:\n      - targets: ['{target}']\n"
+                 scrape_configs:\n  - job_name: ringfwd\n    static_configs:\n      - targets: [{targets}]\n"
             ),
         )
         .unwrap();
@@ -573,16 +647,19 @@ fn prometheus_scrapes_and_every_dashboard_panel_has_data() {
         return;
     };
     let rig = Rig::start();
-    let prom = Prometheus::start(&bin, &rig.metrics);
+    let spread = SpreadRig::start();
+    let prom = Prometheus::start(&bin, &[&rig.metrics, &spread.metrics]);
     poll_on(
         &prom.scrapes,
-        "prometheus's first scrape of ringfwd",
+        "prometheus's first scrape of both forwards",
         || {
             let t = prom.api("/api/v1/targets");
-            (t["data"]["activeTargets"][0]["health"] == "up").then_some(())
+            let up = t["data"]["activeTargets"].as_array()?;
+            (up.len() == 2 && up.iter().all(|t| t["health"] == "up")).then_some(())
         },
     );
     rig.exercise();
+    spread.exercise();
 
     // The last numbers were scraped: the reconnect and a PING round trip are in.
     let f = regex_value(&rig.name);
@@ -590,6 +667,11 @@ fn prometheus_scrapes_and_every_dashboard_panel_has_data() {
     prom.wait_for_data(&format!(
         "{}_count{{forward=~\"{f}\"}} > 0",
         names::PING_RTT
+    ));
+    let sf = regex_value(&spread.name);
+    prom.wait_for_data(&format!(
+        "{}{{forward=~\"{sf}\",pod=\"web-b\",outcome=\"server_error\"}} > 0",
+        names::POD_CONNECTIONS_CLOSED
     ));
 
     // The forward variable's query offers this forward.
@@ -624,10 +706,21 @@ fn prometheus_scrapes_and_every_dashboard_panel_has_data() {
     );
 
     let queries = panel_queries(&d);
-    assert!(queries.len() >= 15, "only {} panel queries", queries.len());
+    assert!(queries.len() >= 19, "only {} panel queries", queries.len());
+    // The per-pod row shows --spread forwards: its panels are asked about the spread one.
+    let per_pod = queries
+        .iter()
+        .filter(|(_, e)| e.contains("ringfwd_pod_"))
+        .count();
+    assert!(per_pod >= 4, "the per-pod row has {per_pod} queries");
     let mut empty = Vec::new();
     for (title, expr) in &queries {
-        let q = substitute(expr, &rig.name);
+        let forward = if expr.contains("ringfwd_pod_") {
+            &spread.name
+        } else {
+            &rig.name
+        };
+        let q = substitute(expr, forward);
         assert!(!q.contains('$'), "unsubstituted variable in {title}: {q}");
         let r = prom.query(&q);
         let finite = r.iter().any(|s| {
@@ -671,6 +764,16 @@ fn prometheus_scrapes_and_every_dashboard_panel_has_data() {
         (
             format!("sum(ringfwd_relay_stall_seconds_count{{forward=~\"{f}\"}})"),
             "the slow reader's stall",
+        ),
+        (
+            format!(
+                "sum(rate(ringfwd_pod_bytes_total{{forward=~\"{sf}\",pod=\"web-a\",direction=\"down\"}}[5m]))"
+            ),
+            "bytes from web-a",
+        ),
+        (
+            format!("sum(ringfwd_pod_connections_total{{forward=~\"{sf}\",pod=\"web-b\"}})"),
+            "connections sent to web-b",
         ),
     ] {
         let r = prom.wait_for_data(&q);
