@@ -524,7 +524,7 @@ struct Common {
 }
 
 impl Common {
-    /// A forward through a runtime or a stream-server URL.
+    /// A forward to `upstream` over `protocol`, without a fallback to SPDY/3.1.
     fn into_config(self, upstream: Upstream, protocol: Protocol) -> ForwardConfig {
         ForwardConfig {
             upstream,
@@ -572,18 +572,13 @@ async fn cluster_forwarder(
             .await
             .map_err(|e| e.to_string())?;
         let specs = spreading.specs.clone();
+        let upstream = Upstream::Pods {
+            cluster,
+            spreading: Box::new(spreading),
+        };
         let cfg = ForwardConfig {
-            upstream: Upstream::Pods {
-                cluster,
-                spreading: Box::new(spreading),
-            },
-            protocol,
             fallback_to_spdy,
-            bearer: None,
-            addresses: common.addresses,
-            session: common.session,
-            pool: common.pool,
-            metrics: common.metrics,
+            ..common.into_config(upstream, protocol)
         };
         let fwd = Forwarder::new(cfg, &specs)
             .await
@@ -618,19 +613,14 @@ async fn cluster_forwarder(
             resolved.candidates,
         );
     }
+    let upstream = Upstream::Api {
+        cluster,
+        pod: resolved.pod.clone(),
+        follow: Some(resolved.follow.clone()),
+    };
     let cfg = ForwardConfig {
-        upstream: Upstream::Api {
-            cluster,
-            pod: resolved.pod.clone(),
-            follow: Some(resolved.follow.clone()),
-        },
-        protocol,
         fallback_to_spdy,
-        bearer: None,
-        addresses: common.addresses,
-        session: common.session,
-        pool: common.pool,
-        metrics: common.metrics,
+        ..common.into_config(upstream, protocol)
     };
     let fwd = Forwarder::new(cfg, &resolved.ports)
         .await

@@ -254,12 +254,8 @@ impl Rig {
             .env("RUST_LOG", "off");
         let forward = PortForward::start_ports(cmd, 2).expect("ringfwd forward starts");
         let metrics = forward
-            .stdout()
-            .lines()
-            .find_map(|l| l.strip_prefix("Metrics on http://"))
-            .and_then(|l| l.strip_suffix("/metrics"))
-            .expect("forward prints its metrics address before Forwarding")
-            .to_string();
+            .metrics_addr()
+            .expect("forward prints its metrics address before Forwarding");
         let ports = forward.forwarded();
         Rig {
             _targets: targets_rt,
@@ -389,12 +385,8 @@ impl SpreadRig {
             .env("RUST_LOG", "off");
         let forward = PortForward::start(cmd).expect("ringfwd svc/web --spread starts");
         let metrics = forward
-            .stdout()
-            .lines()
-            .find_map(|l| l.strip_prefix("Metrics on http://"))
-            .and_then(|l| l.strip_suffix("/metrics"))
-            .expect("forward prints its metrics address before Forwarding")
-            .to_string();
+            .metrics_addr()
+            .expect("forward prints its metrics address before Forwarding");
         SpreadRig {
             _api: api,
             forward,

@@ -130,12 +130,8 @@ fn spread(api: &ApiServer, args: &[&str], rust_log: Option<&str>) -> Result<Forw
     };
     let pf = PortForward::start(cmd).map_err(|e| format!("ringfwd did not start: {e}"))?;
     let metrics = pf
-        .stdout()
-        .lines()
-        .find_map(|l| l.strip_prefix("Metrics on http://"))
-        .and_then(|l| l.strip_suffix("/metrics"))
-        .ok_or("no metrics address before the Forwarding line")?
-        .to_string();
+        .metrics_addr()
+        .ok_or("no metrics address before the Forwarding line")?;
     Ok(Forward { pf, metrics })
 }
 

@@ -20,19 +20,7 @@ pub struct PortSpec {
 impl FromStr for PortSpec {
     type Err = ControlError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |reason: &str| ControlError::BadPortSpec {
-            spec: s.to_string(),
-            reason: reason.into(),
-        };
-        let port = |p: &str, what: &str| -> Result<u16, ControlError> {
-            match p.parse::<u16>() {
-                Ok(0) => Err(bad(&format!("{what} port must be between 1 and 65535"))),
-                Ok(n) => Ok(n),
-                Err(_) => Err(bad(&format!(
-                    "{what} port {p:?} is not a number between 1 and 65535"
-                ))),
-            }
-        };
+        let port = |p: &str, what: &str| port_number(s, p, what);
         match s.split_once(':') {
             None => {
                 let p = port(s, "remote")?;
@@ -166,16 +154,7 @@ pub struct PortRequest {
 impl FromStr for PortRequest {
     type Err = ControlError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |reason: String| ControlError::BadPortSpec {
-            spec: s.to_string(),
-            reason,
-        };
-        let number = |p: &str, what: &str| match p.parse::<u16>() {
-            Ok(0) | Err(_) => Err(bad(format!(
-                "{what} port {p:?} is not a number between 1 and 65535"
-            ))),
-            Ok(n) => Ok(n),
-        };
+        let number = |p: &str, what: &str| port_number(s, p, what);
         let (local, remote) = match s.split_once(':') {
             None => (LocalPort::Same, s),
             Some(("", r)) => (LocalPort::Any, r),
@@ -186,11 +165,26 @@ impl FromStr for PortRequest {
         } else if is_port_name(remote) {
             RemotePort::Name(remote.to_string())
         } else {
-            return Err(bad(format!(
-                "remote port {remote:?} is neither a number between 1 and 65535 nor a port name"
-            )));
+            return Err(ControlError::BadPortSpec {
+                spec: s.to_string(),
+                reason: format!(
+                    "remote port {remote:?} is neither a number between 1 and 65535 nor a port name"
+                ),
+            });
         };
         Ok(PortRequest { local, remote })
+    }
+}
+
+/// `p`, the `what` (`local`, `remote`) port of the port spec `spec`, as a number from 1 to
+/// 65535.
+fn port_number(spec: &str, p: &str, what: &str) -> Result<u16, ControlError> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(ControlError::BadPortSpec {
+            spec: spec.to_string(),
+            reason: format!("{what} port {p:?} is not a number between 1 and 65535"),
+        }),
+        Ok(n) => Ok(n),
     }
 }
 

@@ -275,6 +275,15 @@ impl PortForward {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// `host:port` of the `--metrics-addr` endpoint ringfwd printed before its Forwarding line.
+    pub fn metrics_addr(&self) -> Option<String> {
+        self.stdout()
+            .lines()
+            .find_map(|l| l.strip_prefix("Metrics on http://"))
+            .and_then(|l| l.strip_suffix("/metrics"))
+            .map(str::to_string)
+    }
+
     /// Waits up to `timeout` for the client to exit on its own (its stdout closes); returns its
     /// status, or `None` if it is still running.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
