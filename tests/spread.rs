@@ -1,12 +1,13 @@
 //! `--spread` through the test API server (`support::apiserver`, which real kubectl accepts):
-//! a service, a deployment and a label selector over three pods, each a real containerd pod
+//! a service, a deployment, its ReplicaSet, a statefulset and a label selector over three pods, each a real containerd pod
 //! sandbox with its own target server, reached through containerd's stream server as
 //! kube-apiserver and kubelet reach it.
 //!
 //! Each pod's target tells the client which pod it is (its first line is the pod's name) and
 //! then echoes, so every assertion is on what the pods themselves saw: how many connections
 //! each got, which connections ended when a pod went away, which pod a new connection reached
-//! after a pod turned ready, and what a client of a pod whose port refuses sees. Waits are for
+//! after a pod turned ready, what a client of a pod whose port refuses sees, and what a
+//! new connection sees while no pod is ready. Waits are for
 //! events (a log line, a reset, a byte), never sleeps; deadlines are failure bounds only.
 //!
 //! A custom harness (libtest-mimic) starts containerd and the three sandboxes once; each
@@ -33,6 +34,8 @@ const NAMESPACE: &str = "default";
 const PODS: [&str; 3] = ["web-a", "web-b", "web-c"];
 /// Longest wait for a line, a byte or a reset: a failure bound, far above what any takes.
 const DEADLINE: Duration = Duration::from_secs(30);
+/// The target: a pod that turns ready gets new connections within this.
+const READY_WITHIN: Duration = Duration::from_secs(2);
 
 /// One pod sandbox and the ports of its targets, in its own network namespace.
 #[derive(Clone)]
@@ -78,13 +81,15 @@ const READY: PodSpec = PodSpec {
 };
 
 impl Fixture {
-    /// A fresh API server with deployment `web` (selector app=web), pods `web-a`, `web-b`,
+    /// A fresh API server with deployment `web` (selector app=web) and its ReplicaSet (whose
+    /// name is returned), statefulset `web` (the same selector), pods `web-a`, `web-b`,
     /// `web-c` (one per sandbox, container port `echo` its own number, as `specs` say) and
     /// service `web`, port 80 -> targetPort `echo`: a named port each pod resolves to its own
     /// number.
-    fn api(&self, specs: [PodSpec; 3]) -> ApiServer {
+    fn api(&self, specs: [PodSpec; 3]) -> (ApiServer, String) {
         let api = ApiServer::start();
         let rs = api.add_deployment("web", NAMESPACE, &[("app", "web")], 3);
+        api.add_statefulset("web", NAMESPACE, &[("app", "web")]);
         for ((name, sb), spec) in PODS.iter().zip(&self.sandboxes).zip(specs) {
             let port = if spec.refuses { sb.closed } else { sb.echo };
             api.add_pod(
@@ -111,7 +116,7 @@ impl Fixture {
                 IntOrString::Str("echo".into()),
             )],
         );
-        api
+        (api, rs.name)
     }
 }
 
@@ -244,7 +249,7 @@ fn per_pod(exposition: &str, family: &str, forward: &str) -> BTreeMap<String, f6
 /// evenly (100 ± 10 each); ringfwd's per-pod counters agree with what the pods saw, `/streams`
 /// names an open connection's pod, and `-v` logs each connection's pod.
 fn even_over_three_pods(fx: &Fixture) -> Result<(), Failed> {
-    let api = fx.api([READY, READY, READY]);
+    let (api, _) = fx.api([READY, READY, READY]);
     let fwd = spread(&api, &["svc/web", ":80", "-v"], None)?;
     check(fwd.pf.remote == 80, || {
         format!("listens for service port 80, says {}", fwd.pf.remote)
@@ -310,7 +315,7 @@ fn even_over_three_pods(fx: &Fixture) -> Result<(), Failed> {
 /// succeeds on another pod; a connection that failed in between was `web-b`'s; its metric
 /// series are gone.
 fn a_deleted_pod_ends_only_its_own_connections(fx: &Fixture) -> Result<(), Failed> {
-    let api = fx.api([READY, READY, READY]);
+    let (api, _) = fx.api([READY, READY, READY]);
     let fwd = spread(&api, &["deploy/web", ":echo"], Some("ringfwd=info"))?;
     let local = fwd.pf.local;
     // Fewest open first, ties in turn: two on each pod.
@@ -417,14 +422,15 @@ fn a_deleted_pod_ends_only_its_own_connections(fx: &Fixture) -> Result<(), Faile
 
 /// `-l app=web --spread :echo`: pod `web-c` is not ready at first and gets nothing while
 /// three connections are held (`web-a` two, `web-b` one: the fewest open, ties in turn). It
-/// turns ready, and once ringfwd has seen that, the next connections go where the fewest are
-/// open: the first to `web-c`, none to `web-a`. Prints how long the first took.
+/// turns ready; ringfwd must see that within [`READY_WITHIN`] (the wait for its line has that
+/// deadline), and the next connections go where the fewest are open: the first to `web-c`,
+/// none to `web-a`. Prints how long the first took.
 fn a_pod_that_turns_ready_gets_connections(fx: &Fixture) -> Result<(), Failed> {
     let unready = PodSpec {
         ready: false,
         refuses: false,
     };
-    let api = fx.api([READY, READY, unready]);
+    let (api, _) = fx.api([READY, READY, unready]);
     let fwd = spread(
         &api,
         &["-n", NAMESPACE, "-l", "app=web", ":echo"],
@@ -441,7 +447,13 @@ fn a_pod_that_turns_ready_gets_connections(fx: &Fixture) -> Result<(), Failed> {
 
     let flipped = Instant::now();
     api.set_pod_ready(NAMESPACE, "web-c", true);
-    fwd.wait_log("pod web-c is ready; 3 ready pods of -l app=web")?;
+    let seen = "pod web-c is ready; 3 ready pods of -l app=web";
+    check(fwd.pf.wait_stderr(seen, READY_WITHIN), || {
+        format!(
+            "no {seen:?} within {READY_WITHIN:?} of web-c turning ready:\n{}",
+            fwd.pf.stderr()
+        )
+    })?;
     let mut new = vec![open_ok(fwd.pf.local)?];
     let took = flipped.elapsed();
     for _ in 0..2 {
@@ -471,7 +483,7 @@ fn a_pod_that_turns_ready_gets_connections(fx: &Fixture) -> Result<(), Failed> {
     })
 }
 
-/// `svc/web :80 --spread`, where `web-c`'s port has nothing listening: its connections are
+/// `sts/web :echo --spread`, where `web-c`'s port has nothing listening: its connections are
 /// reset (never a clean end) and ringfwd logs the server's message for each, naming the pod;
 /// the others carry their bytes, and connections held open on them go on. (A refused
 /// connection ends at once, so `web-c` always has the fewest open; its cool-down after each
@@ -481,8 +493,8 @@ fn a_pod_whose_port_refuses(fx: &Fixture) -> Result<(), Failed> {
         ready: true,
         refuses: true,
     };
-    let api = fx.api([READY, READY, refusing]);
-    let fwd = spread(&api, &["svc/web", ":80"], Some("ringfwd=info"))?;
+    let (api, _) = fx.api([READY, READY, refusing]);
+    let fwd = spread(&api, &["sts/web", ":echo"], Some("ringfwd=info"))?;
     // The first two (ties in turn) are held open on web-a and web-b throughout.
     let mut held = [open_ok(fwd.pf.local)?, open_ok(fwd.pf.local)?];
     let (mut good, mut refused) = (BTreeMap::<String, usize>::new(), Vec::new());
@@ -522,6 +534,65 @@ fn a_pod_whose_port_refuses(fx: &Fixture) -> Result<(), Failed> {
     Ok(())
 }
 
+/// `rs/web-HASH :echo --spread --connect-timeout 5m`: every pod stops being ready while one
+/// connection is held on each. A new connection is then reset at once (no wait for a pod: the
+/// connect timeout is far beyond the test's deadline, so a wait would show as a timeout, not a
+/// reset), with one line saying no pod is ready; the held ones go on (an unready pod keeps its
+/// open connections). When `web-b` is ready again the next connection goes there.
+fn with_no_ready_pod_a_connection_is_reset_at_once(fx: &Fixture) -> Result<(), Failed> {
+    let (api, rs) = fx.api([READY, READY, READY]);
+    let target = format!("rs/{rs}");
+    let fwd = spread(
+        &api,
+        &[&target, ":echo", "--connect-timeout", "5m"],
+        Some("ringfwd=info"),
+    )?;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(open_ok(fwd.pf.local)?);
+    }
+    for pod in PODS {
+        api.set_pod_ready(NAMESPACE, pod, false);
+    }
+    fwd.wait_log(&format!(
+        "no ready pod of {target}: new connections are reset until one is"
+    ))?;
+    let (port, e) = match open(fwd.pf.local) {
+        Ok(c) => return Err(format!("with no ready pod a connection reached {}", c.pod).into()),
+        Err(failed) => failed,
+    };
+    check(e.kind() == ErrorKind::ConnectionReset, || {
+        format!("with no ready pod a new connection ended with {e}, want a reset")
+    })?;
+    let said = format!(
+        "connection from 127.0.0.1:{port} to port {} reset: no ready pod of {target}",
+        fwd.pf.remote
+    );
+    fwd.wait_log(&said)?;
+    let log = fwd.pf.stderr();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains(&format!("127.0.0.1:{port} ")))
+        .count();
+    check(lines == 1, || {
+        format!("{lines} lines about the reset connection from :{port}:\n{log}")
+    })?;
+    for c in &mut held {
+        c.echo(16 << 10)
+            .map_err(|e| format!("a connection held on an unready pod: {e}"))?;
+    }
+    api.set_pod_ready(NAMESPACE, "web-b", true);
+    fwd.wait_log(&format!(
+        "pod web-b is ready again; 1 ready pod of {target}"
+    ))?;
+    let mut next = open_ok(fwd.pf.local)?;
+    check(next.pod == "web-b", || {
+        format!("with only web-b ready a connection went to {}", next.pod)
+    })?;
+    next.echo(16 << 10)?;
+    Ok(())
+}
+
 type Scenario = fn(&Fixture) -> Result<(), Failed>;
 
 fn main() {
@@ -554,7 +625,7 @@ fn main() {
             sandboxes,
         })
     });
-    let scenarios: [(&str, Scenario); 4] = [
+    let scenarios: [(&str, Scenario); 5] = [
         ("spread::svc::even_over_three_pods", even_over_three_pods),
         (
             "spread::deploy::a_deleted_pod_ends_only_its_own_connections",
@@ -565,8 +636,12 @@ fn main() {
             a_pod_that_turns_ready_gets_connections,
         ),
         (
-            "spread::svc::a_pod_whose_port_refuses",
+            "spread::sts::a_pod_whose_port_refuses",
             a_pod_whose_port_refuses,
+        ),
+        (
+            "spread::rs::with_no_ready_pod_a_connection_is_reset_at_once",
+            with_no_ready_pod_a_connection_is_reset_at_once,
         ),
     ];
     let trials = scenarios
