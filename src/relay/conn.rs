@@ -217,7 +217,7 @@ async fn relay<S: Socket, B: Send>(
     let outcome = {
         let up = async {
             let max = session.max_payload();
-            let splice = session.can_splice();
+            let splice = session.can_splice() && super::upload_splice();
             let mut buf = BytesMut::new();
             // Spliced upload: the pipe this connection's payload waits in for the writer.
             let mut pipe: Option<Arc<Pipe>> = None;
