@@ -152,20 +152,18 @@ pub fn splice_available() -> bool {
 pub const READ_BUF: usize = 256 * 1024;
 
 /// Whether a spliced session splices the upload too (local socket -> pipe -> upstream), not only
-/// the download. `RINGFWD_SPLICE_UPLOAD=1|0`; see [`UPLOAD_SPLICE_DEFAULT`] for the default.
+/// the download. `RINGFWD_SPLICE_UPLOAD=1|0`; by default on the `epoll` plane only: there it
+/// measured at half of ringfwd's CPU per GB uploading through containerd with containerd and the
+/// whole machine no busier than copying (`perf/results/2026-12-06-epoll-upload-splice.md`); on
+/// `uring` the copied upload is the cheaper one for containerd (`perf/2026-12-06-data-plane.md`).
 pub fn upload_splice() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| match std::env::var("RINGFWD_SPLICE_UPLOAD").as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => UPLOAD_SPLICE_DEFAULT,
+        _ => data_plane() == DataPlane::Epoll,
     })
 }
-
-/// The default of [`upload_splice`]: spliced, which measured at half of ringfwd's CPU per GB uploading
-/// through containerd with containerd and the whole machine no busier than copying
-/// (`perf/results/2026-12-06-epoll-upload-splice.md`).
-pub const UPLOAD_SPLICE_DEFAULT: bool = true;
 
 /// Payloads shorter than this are copied even where they could be spliced: for a small
 /// message the pipe costs more syscalls than the copy saves (an interactive protocol, an echo).

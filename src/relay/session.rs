@@ -59,12 +59,12 @@ pub struct SessionOptions {
     pub metrics: SessionMetrics,
     /// Move payload with splice(2) where the upstream is plain TCP and the protocol allows it
     /// (SPDY to a stream server); otherwise, or when off, payload is copied through user
-    /// memory. Defaults to whether this kernel (and seccomp profile) allows splice.
+    /// memory. Defaults to on for the `epoll` plane, and for `uring` where this kernel (and
+    /// seccomp profile) allows splice; uploads splice only where [`super::upload_splice`] says.
     pub splice: bool,
     /// Hand a plain TCP upstream to an io_uring worker (the `uring` data plane), which then
     /// runs the session's reader and writer and the relay of every connection on it, instead
-    /// of tokio's epoll reactor. Payload is not spliced there. Defaults to whether the process
-    /// runs the `uring` data plane.
+    /// of tokio's epoll reactor. Defaults to whether the process runs the `uring` data plane.
     pub ring: bool,
     /// The process's graceful shutdown: the session's connections are counted in it and
     /// reset when it cuts them, and the session is closed with a GOAWAY at its end.
@@ -81,7 +81,11 @@ impl Default for SessionOptions {
             half_close_quiet: super::DEFAULT_HALF_CLOSE_QUIET,
             stalls: None,
             metrics: SessionMetrics::default(),
-            splice: super::data_plane() == super::DataPlane::Epoll,
+            splice: match super::data_plane() {
+                super::DataPlane::Epoll => true,
+                super::DataPlane::Uring => super::splice_available(),
+                _ => false,
+            },
             ring: super::data_plane() == super::DataPlane::Uring,
             drain: None,
         }
@@ -279,6 +283,11 @@ impl Session {
             out_rx,
             incoming_tx,
         } = ends;
+        if matches!(io, UpstreamConn::Tcp(_)) {
+            // Splice needs a plain TCP upstream and a protocol whose payload it may move.
+            let splice = self.shared.opts.splice && self.proto().read_hint(&[]).is_some();
+            self.shared.splice.store(splice, Ordering::Release);
+        }
         match io {
             // On the io_uring plane a plain TCP upstream leaves tokio's reactor for a worker,
             // which then runs the reader, the writer and every connection's relay.
@@ -296,9 +305,6 @@ impl Session {
                 }
             }
             UpstreamConn::Tcp(tcp) => {
-                // Splice needs a protocol whose payload it may move.
-                let splice = self.shared.opts.splice && self.proto().read_hint(&[]).is_some();
-                self.shared.splice.store(splice, Ordering::Release);
                 self.spawn_tcp(tcp, prefix, out_rx, incoming_tx, |f| {
                     tokio::spawn(f);
                 });

@@ -10,6 +10,11 @@
 //! follows, each completion bringing the buffer the kernel picked. When the client starts
 //! sending in bulk the relay asks for receives into buffers of its own ([`Socket::recv`]):
 //! the multishot receive is cancelled first, and whatever it still took comes first, in order.
+//!
+//! Large DATA frames from an upstream (`ringfwd serve` sends up to 256 KiB) are spliced
+//! upstream socket → pipe → local socket with `splice(2)` on the worker thread, waiting on a
+//! ring poll when a socket is not ready; the socket is non-blocking so that a splice never
+//! blocks the worker.
 
 use std::collections::VecDeque;
 use std::io;
@@ -25,6 +30,7 @@ use super::op::{self, MultiOp, Pooled, result};
 use super::ring::{self, Brings};
 use crate::proto::HEADROOM;
 use crate::relay::backend::{Received, Socket};
+use crate::relay::pipe::{Pipe, SpliceIn};
 
 #[derive(Clone, Debug)]
 pub struct RingSocket(Arc<Shared>);
@@ -58,10 +64,13 @@ impl std::fmt::Debug for Stream {
 }
 
 impl RingSocket {
-    /// Take `fd`, a connected TCP socket, for the ring. It is made blocking: io_uring then
-    /// waits for it in the kernel instead of answering EAGAIN.
+    /// Take `fd`, a connected TCP socket, for the ring. It is made non-blocking: the ring's
+    /// operations still wait for it (io_uring arms its own poll on EAGAIN for socket
+    /// operations), and the splices, which are plain `splice(2)` calls on the worker thread
+    /// (io_uring's splice runs in a kernel worker thread, which measured slower), must never
+    /// block the worker.
     pub fn new(fd: OwnedFd) -> io::Result<RingSocket> {
-        socket2::SockRef::from(&fd).set_nonblocking(false)?;
+        socket2::SockRef::from(&fd).set_nonblocking(true)?;
         Ok(RingSocket(Arc::new(Shared {
             fd: Arc::new(fd),
             stream: Mutex::new(Stream::default()),
@@ -267,5 +276,48 @@ impl Socket for RingSocket {
     async fn send(&self, bufs: Vec<Bytes>, more: bool) -> (io::Result<usize>, Vec<Bytes>) {
         let flags = if more { libc::MSG_MORE } else { 0 };
         op::sendmsg(self, bufs, flags).await
+    }
+
+    async fn splice_in(&self, pipe: &Pipe, max: usize) -> io::Result<SpliceIn> {
+        // Only an upstream socket splices in (the session reader), and upstream sockets never
+        // wait in a multishot receive whose bytes would have to come first.
+        if self.stream().op.is_some() || !self.stream().pending.is_empty() {
+            return Err(io::Error::other(
+                "splice from a socket in a multishot receive",
+            ));
+        }
+        loop {
+            let room = pipe.room();
+            if room == 0 {
+                return Ok(SpliceIn::Full);
+            }
+            match pipe.splice_in(self.raw(), max.min(room)) {
+                Ok(0) => return Ok(SpliceIn::Eof),
+                Ok(n) => return Ok(SpliceIn::Moved(n)),
+                // A pipe with bytes in it may be out of slots, not the socket out of bytes:
+                // let the consumer make room first (as the epoll backend does).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && pipe.fill() > 0 => {
+                    return Ok(SpliceIn::Full);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    op::poll(self, libc::POLLIN as u32).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn splice_out(&self, pipe: &Pipe, mut len: usize, more: bool) -> io::Result<()> {
+        while len > 0 {
+            match pipe.splice_out(self.raw(), len, more) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => len -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    op::poll(self, libc::POLLOUT as u32).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }

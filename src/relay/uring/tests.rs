@@ -441,3 +441,69 @@ async fn a_stream_of_messages_then_bulk_then_messages_again() {
     assert!(bulk == expect, "bulk bytes changed or reordered");
     assert_eq!(tail, b"tail");
 }
+
+/// Splices on ring sockets: 16 MiB go socket → pipe → socket intact and in order, with a
+/// writer faster than the receiver (the far socket fills and the splice out waits for room)
+/// and a receiver that reads only after the worker has run again: a splice that blocked the
+/// worker thread would stop its timer task, and the test would fail at its deadline.
+#[tokio::test]
+async fn splices_wait_on_the_ring_not_the_worker() {
+    use crate::relay::backend::Socket;
+    use crate::relay::pipe::{Pipe, SpliceIn};
+    let Some(w) = worker() else { return };
+    let (mut src, from) = pair().await;
+    let (to, mut dst) = pair().await;
+    let from = RingSocket::from_tokio(from).unwrap();
+    let to = RingSocket::from_tokio(to).unwrap();
+    const TOTAL: usize = 16 << 20; // more than loopback's socket buffers hold
+    let data: Vec<u8> = (0..TOTAL as u32).map(|i| (i * 7 % 253) as u8).collect();
+    let expect = data.clone();
+    let (ticked, mut ticks) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // A task beside the splices: the worker keeps running it while they wait.
+    let ticker = w.spawn(async move {
+        loop {
+            super::worker::sleep_until(Instant::now() + Duration::from_millis(1)).await;
+            if ticked.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    let relay = w.spawn(async move {
+        let pipe = Pipe::new().unwrap();
+        let mut moved = 0;
+        loop {
+            match from.splice_in(&pipe, 256 * 1024).await.unwrap() {
+                SpliceIn::Moved(n) => {
+                    to.splice_out(&pipe, n, false).await.unwrap();
+                    moved += n;
+                }
+                SpliceIn::Eof => return moved,
+                SpliceIn::Full => unreachable!("the pipe is emptied after every splice"),
+            }
+        }
+    });
+    let writer = tokio::spawn(async move {
+        src.write_all(&data).await.unwrap();
+        src.shutdown().await.unwrap();
+    });
+    let mut got = Vec::with_capacity(TOTAL);
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        // The worker has run since the last read (a stale tick does not count).
+        while ticks.try_recv().is_ok() {}
+        tokio::time::timeout(Duration::from_secs(30), ticks.recv())
+            .await
+            .expect("the worker is blocked")
+            .expect("the ticker runs");
+        let n = dst.read(&mut chunk).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+    writer.await.unwrap();
+    assert_eq!(relay.await.unwrap(), TOTAL);
+    assert_eq!(got.len(), TOTAL);
+    assert!(got == expect, "bytes changed or reordered on the way");
+    drop(ticker);
+}
