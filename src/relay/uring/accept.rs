@@ -104,9 +104,8 @@ impl Drop for RingAccepts {
 
 async fn accept_loop(listener: Arc<OwnedFd>, tx: mpsc::Sender<Event>, rearm: Arc<Notify>) {
     loop {
-        // Safety: the entry points at no memory; the operation keeps a handle on the
-        // listener until its last completion, and it is cancelled (its completions' sockets
-        // closed) when dropped.
+        // Safety: no memory; the operation holds the listener until its last completion,
+        // and a dropped one is cancelled with the sockets its completions bring closed.
         let mut op = unsafe {
             MultiOp::start(
                 opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))

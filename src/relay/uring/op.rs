@@ -274,9 +274,8 @@ pub async fn recv<B: IoBufMut + Unpin>(
 ) -> (io::Result<usize>, B) {
     let max = max.min(buf.spare()) as u32;
     loop {
-        // Safety: the receive writes at most `max` bytes into `buf`'s spare capacity, whose
-        // memory stays in place while the operation owns `buf`; the handle keeps the socket
-        // open.
+        // Safety: at most `max` bytes into `buf`'s spare capacity, which stays in place while
+        // the operation owns `buf`; the handle keeps the socket open.
         let op = unsafe {
             Op::start((sock.clone(), buf), |(s, b)| {
                 opcode::Recv::new(types::Fd(s.raw()), b.spare_ptr(), max).build()

@@ -233,9 +233,8 @@ impl Socket for RingSocket {
             loop {
                 if st.op.is_none() {
                     let fd = self.0.fd.clone();
-                    // Safety: the entry points at no memory of ours (the kernel fills buffers
-                    // of the registered pool, each taken by the completion that names it);
-                    // the operation keeps the socket open until its last completion.
+                    // Safety: no memory of ours (the kernel fills pool buffers, each taken by
+                    // its completion); the operation keeps the socket open until its last one.
                     st.op = Some(unsafe {
                         MultiOp::start(
                             opcode::RecvMulti::new(types::Fd(fd.as_raw_fd()), POOL_GROUP).build(),
@@ -281,7 +280,11 @@ impl Socket for RingSocket {
     async fn splice_in(&self, pipe: &Pipe, max: usize) -> io::Result<SpliceIn> {
         // Only an upstream socket splices in (the session reader), and upstream sockets never
         // wait in a multishot receive whose bytes would have to come first.
-        if self.stream().op.is_some() || !self.stream().pending.is_empty() {
+        let busy = {
+            let st = self.stream();
+            st.op.is_some() || !st.pending.is_empty()
+        };
+        if busy {
             return Err(io::Error::other(
                 "splice from a socket in a multishot receive",
             ));
